@@ -1,0 +1,299 @@
+//! The command line, as fixed by `shared/cli-contract.md`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "smoothquant",
+    version,
+    about = "SmoothQuant W8A8 post-training quantization for OPT, BLOOM and LLaMA models",
+    long_about = "SmoothQuant W8A8 post-training quantization for OPT, BLOOM and LLaMA models.\n\n\
+        Calibrate activation ranges on text, migrate the quantization difficulty from activations to \
+        weights, quantize both to INT8 and run every Linear as an integer GEMM. Evaluate perplexity \
+        side by side (fp32, naive W8A8, SmoothQuant), generate text, benchmark, and export checkpoints.",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// More logging on stderr: -v shows tracing spans with timings, -vv everything
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// Worker threads for the kernels (default: all cores)
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Calibrate, smooth, quantize and compare schemes on the embedded model, no arguments needed
+    Demo(DemoArgs),
+    /// Architecture, sizes and (with calibration data) activation outlier statistics per layer
+    Inspect(InspectArgs),
+    /// Record per-channel max|x| of every Linear input into a safetensors file
+    Calibrate(CalibrateArgs),
+    /// Smooth and quantize a model to W8A8 and write the checkpoint
+    Quantize(QuantizeArgs),
+    /// Perplexity over non-overlapping windows of a text, for each scheme
+    Eval(EvalArgs),
+    /// Generate text from a prompt (greedy by default)
+    Generate(GenerateArgs),
+    /// Prefill and decode speed, peak memory and model size per scheme
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face directory, .gguf file, llama2.c .bin, or a directory written by `quantize`
+    /// (default: the embedded stories260K model)
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// Tokenizer for a llama2.c checkpoint (default: tok512.bin or tokenizer.bin beside it)
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightGranularity {
+    /// One scale per output channel
+    Channel,
+    /// One scale per weight tensor
+    Tensor,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActGranularity {
+    /// Dynamic, one scale per token
+    Token,
+    /// Dynamic, one scale per tensor
+    Tensor,
+    /// Static per tensor, from calibration
+    Static,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// Weights per tensor, activations dynamic per token
+    O1,
+    /// Weights per tensor, activations dynamic per tensor
+    O2,
+    /// Weights per tensor, activations static per tensor
+    O3,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmoothTargets {
+    /// Only the Linears after a norm, as the paper and the official code
+    Paper,
+    /// Every Linear input that can be smoothed
+    All,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// smoothquant-rs' own layout (INT8 weights, scales and the recipe)
+    Native,
+    /// The compressed-tensors layout that vLLM and transformers load
+    CompressedTensors,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CalibArgs {
+    /// Calibration text file
+    #[arg(long, value_name = "FILE")]
+    pub calib_data: Option<PathBuf>,
+
+    /// Number of random calibration windows
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub calib_samples: usize,
+
+    /// Tokens per calibration window
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub calib_seq_len: usize,
+
+    /// Seed for calibration windows and sampling
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QuantArgs {
+    /// Comma-separated schemes: fp32, naive (W8A8 without smoothing), smoothquant
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub scheme: Option<Vec<String>>,
+
+    /// Weight scale granularity
+    #[arg(long, value_enum, default_value_t = WeightGranularity::Channel)]
+    pub weights: WeightGranularity,
+
+    /// Activation scales
+    #[arg(long, value_enum, default_value_t = ActGranularity::Token)]
+    pub acts: ActGranularity,
+
+    /// The paper's levels; overrides --weights/--acts
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+
+    /// Migration strength: a number in [0, 1], `auto` for a per-group search, or a JSON file
+    /// mapping each smoothing group (named by its first Linear) to its alpha
+    #[arg(long, value_name = "VALUE|auto|FILE.json", default_value = "0.5")]
+    pub alpha: String,
+
+    /// Which Linear inputs to smooth
+    #[arg(long, value_enum, default_value_t = SmoothTargets::All)]
+    pub smooth_targets: SmoothTargets,
+
+    #[command(flatten)]
+    pub calib: CalibArgs,
+
+    /// Activation statistics written by `calibrate` (instead of --calib-data)
+    #[arg(long, value_name = "FILE")]
+    pub act_scales: Option<PathBuf>,
+
+    /// Also quantize the attention BMMs and the KV cache to INT8
+    #[arg(long)]
+    pub int8_attention: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Print one JSON object instead of the table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// Activation statistics written by `calibrate` (instead of --calib-data)
+    #[arg(long, value_name = "FILE")]
+    pub act_scales: Option<PathBuf>,
+    /// Migration strength used for the "after smoothing" statistics
+    #[arg(long, value_name = "VALUE", default_value = "0.5")]
+    pub alpha: String,
+    /// Draw the per-channel ranges and per-layer outlier ratios to this PNG
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<PathBuf>,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Calibration text file (alias: --data)
+    #[arg(long, alias = "data", value_name = "FILE")]
+    pub calib_data: PathBuf,
+    /// Number of random calibration windows
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub calib_samples: usize,
+    /// Tokens per calibration window
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub calib_seq_len: usize,
+    /// Seed for choosing the windows
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+    /// Output statistics file (.safetensors)
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub out: PathBuf,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// Output directory
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Checkpoint layout
+    #[arg(long, value_enum, default_value_t = ExportFormat::Native)]
+    pub format: ExportFormat,
+    /// Replace a non-empty output directory
+    #[arg(long)]
+    pub force: bool,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// Evaluation text file
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Tokens per window
+    #[arg(long, value_name = "N", default_value_t = 2048)]
+    pub seq_len: usize,
+    /// Evaluate at most this many windows
+    #[arg(long, value_name = "N")]
+    pub max_windows: Option<usize>,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// The prompt
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy
+    #[arg(long, value_name = "T", default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// Prompt lengths to time prefill at
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "128,512,2048"
+    )]
+    pub prompt_len: Vec<usize>,
+    /// Tokens to decode after each prompt
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,543 @@
+//! Safetensors reading through a memory map (single files and sharded checkpoints) and atomic
+//! writing with `__metadata__`.
+
+use crate::atomic::AtomicFile;
+use crate::layout::checked_numel;
+use crate::{DType, Result, Tensor, TensorError, TensorView};
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorInfo};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Largest header accepted, as in the reference implementation.
+const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+
+/// One safetensors file, memory-mapped. Tensors handed out share the map (zero-copy).
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Arc<Mmap>,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// The dtype and shape of a stored tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredTensorInfo {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl SafetensorsFile {
+    /// Map and validate `path`. Every header entry is checked against the file's real size
+    /// before anything is read.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|e| TensorError::io(&path, "opening", e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| TensorError::io(&path, "reading metadata of", e))?
+            .len();
+        if file_len < 8 {
+            return Err(TensorError::InvalidHeader {
+                path,
+                reason: format!(
+                    "the file is {file_len} bytes; a safetensors file starts with an 8-byte header length"
+                ),
+            });
+        }
+        // SAFETY: the map is read-only; like every mmap-based loader we assume the file is not
+        // truncated by another process while mapped.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| TensorError::io(&path, "mapping", e))?;
+        let header_len = diagnose_header(&path, &mmap)?;
+        let (n, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+            TensorError::InvalidHeader {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        debug_assert_eq!(n, header_len);
+        Ok(SafetensorsFile {
+            path,
+            mmap: Arc::new(mmap),
+            data_start: 8 + n,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names in file order.
+    pub fn names(&self) -> Vec<String> {
+        self.metadata.offset_keys()
+    }
+
+    /// Whether the file has a tensor called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.metadata.info(name).is_some()
+    }
+
+    /// The free-form `__metadata__` map, if the file has one.
+    pub fn user_metadata(&self) -> Option<&HashMap<String, String>> {
+        self.metadata.metadata().as_ref()
+    }
+
+    fn raw_info(&self, name: &str) -> Result<&TensorInfo> {
+        self.metadata
+            .info(name)
+            .ok_or_else(|| TensorError::TensorNotFound {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })
+    }
+
+    /// Dtype and shape of `name`, without touching its data.
+    pub fn info(&self, name: &str) -> Result<StoredTensorInfo> {
+        let info = self.raw_info(name)?;
+        let dtype =
+            DType::from_safetensors(info.dtype).ok_or_else(|| TensorError::UnsupportedDtype {
+                path: self.path.clone(),
+                name: name.to_string(),
+                dtype: format!("{:?}", info.dtype),
+            })?;
+        Ok(StoredTensorInfo {
+            dtype,
+            shape: info.shape.clone(),
+        })
+    }
+
+    /// The tensor `name`, sharing the memory map.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let info = self.info(name)?;
+        let (start, end) = self.raw_info(name)?.data_offsets;
+        Tensor::from_mapped(
+            self.mmap.clone(),
+            self.data_start + start,
+            end - start,
+            info.dtype,
+            &info.shape,
+        )
+    }
+
+    /// A borrowed view of the tensor `name`.
+    pub fn view(&self, name: &str) -> Result<TensorView<'_>> {
+        let info = self.info(name)?;
+        let (start, end) = self.raw_info(name)?.data_offsets;
+        let bytes = &self.mmap[self.data_start + start..self.data_start + end];
+        TensorView::from_bytes(bytes, info.dtype, &info.shape)
+    }
+
+    /// Every tensor, by name (zero-copy).
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.names()
+            .into_iter()
+            .map(|n| Ok((n.clone(), self.tensor(&n)?)))
+            .collect()
+    }
+}
+
+/// Check the header with messages that name the tensor at fault; returns the header length.
+/// The `safetensors` crate re-validates afterwards and remains the parser of record.
+fn diagnose_header(path: &Path, bytes: &[u8]) -> Result<usize> {
+    let file_len = bytes.len() as u64;
+    let invalid = |reason: String| TensorError::InvalidHeader {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&bytes[..8]);
+    let n = u64::from_le_bytes(len_bytes);
+    if n > MAX_HEADER_BYTES {
+        return Err(invalid(format!(
+            "the header length {n} is larger than the 100 MB limit"
+        )));
+    }
+    if n > file_len - 8 {
+        return Err(invalid(format!(
+            "the header length {n} goes past the end of the file ({file_len} bytes)"
+        )));
+    }
+    let n = n as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n])
+        .map_err(|e| invalid(format!("the header is not UTF-8: {e}")))?;
+    let entries: BTreeMap<String, serde_json::Value> = serde_json::from_str(header)
+        .map_err(|e| invalid(format!("the header is not a JSON object: {e}")))?;
+    let data_len = file_len - 8 - n as u64;
+    let mut spans = Vec::new();
+    for (name, entry) in &entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype_name = entry
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| invalid(format!("tensor `{name}` has no dtype string")))?;
+        let dtype: safetensors::Dtype =
+            serde_json::from_value(serde_json::Value::String(dtype_name.into())).map_err(|_| {
+                TensorError::UnsupportedDtype {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    dtype: dtype_name.to_string(),
+                }
+            })?;
+        let shape: Vec<usize> = entry
+            .get("shape")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| invalid(format!("tensor `{name}` has no valid shape")))?;
+        let (start, end): (u64, u64) = entry
+            .get("data_offsets")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| invalid(format!("tensor `{name}` has no valid data_offsets")))?;
+        if end < start {
+            return Err(invalid(format!(
+                "tensor `{name}` has data_offsets [{start}, {end}] that end before they start"
+            )));
+        }
+        let expected = checked_numel(&shape)
+            .and_then(|n| n.checked_mul(dtype.bitsize()))
+            .map(|bits| bits.div_ceil(8))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "tensor `{name}` has shape {shape:?} that overflows"
+                ))
+            })?;
+        if (end - start) as u128 != expected as u128 {
+            return Err(TensorError::ByteLengthMismatch {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                dtype: dtype_name.to_string(),
+                shape,
+                expected,
+                actual: (end - start) as usize,
+            });
+        }
+        if end > data_len {
+            return Err(TensorError::Truncated {
+                path: path.to_path_buf(),
+                expected: 8 + n as u64 + end,
+                actual: file_len,
+            });
+        }
+        spans.push((start, end, name));
+    }
+    spans.sort();
+    let mut cursor = 0;
+    for (start, end, name) in &spans {
+        if *start != cursor {
+            return Err(invalid(format!(
+                "tensor `{name}` starts at byte {start} of the data, expected {cursor} (tensors overlap or leave a gap)"
+            )));
+        }
+        cursor = *end;
+    }
+    if cursor != data_len {
+        return Err(invalid(format!(
+            "the tensors cover {cursor} bytes of data but the file has {data_len} after the header"
+        )));
+    }
+    Ok(n)
+}
+
+/// A checkpoint made of one safetensors file or of shards listed in
+/// `model.safetensors.index.json`, as Hugging Face writes them.
+pub struct Checkpoint {
+    root: PathBuf,
+    files: Vec<SafetensorsFile>,
+    by_name: BTreeMap<String, usize>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Open a directory (with `model.safetensors.index.json` or `model.safetensors`), a shard
+    /// index file (`*.index.json`), or a single `.safetensors` file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if path.is_dir() {
+            let index = path.join("model.safetensors.index.json");
+            let single = path.join("model.safetensors");
+            if index.is_file() {
+                return Self::open_index(&index);
+            }
+            if single.is_file() {
+                return Self::open_single(&single);
+            }
+            return Err(TensorError::NoCheckpoint {
+                path: path.to_path_buf(),
+            });
+        }
+        if path.to_string_lossy().ends_with(".index.json") {
+            Self::open_index(path)
+        } else {
+            Self::open_single(path)
+        }
+    }
+
+    fn open_single(path: &Path) -> Result<Self> {
+        let file = SafetensorsFile::open(path)?;
+        let by_name = file.names().into_iter().map(|n| (n, 0)).collect();
+        Ok(Checkpoint {
+            root: path.to_path_buf(),
+            files: vec![file],
+            by_name,
+        })
+    }
+
+    fn open_index(index_path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index_path)
+            .map_err(|e| TensorError::io(index_path, "reading", e))?;
+        let index: ShardIndex =
+            serde_json::from_str(&text).map_err(|e| TensorError::InvalidIndex {
+                index: index_path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        let mut shard_ids: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut files = Vec::new();
+        let mut by_name = BTreeMap::new();
+        for (name, shard) in &index.weight_map {
+            // Shard names come from an untrusted file: only plain names beside the index.
+            let plain = Path::new(shard)
+                .file_name()
+                .is_some_and(|f| f == shard.as_str());
+            if !plain {
+                return Err(TensorError::InvalidIndex {
+                    index: index_path.to_path_buf(),
+                    reason: format!("shard `{shard}` for tensor `{name}` is not a plain file name"),
+                });
+            }
+            let id = match shard_ids.get(shard.as_str()) {
+                Some(&id) => id,
+                None => {
+                    let shard_path = dir.join(shard);
+                    if !shard_path.is_file() {
+                        return Err(TensorError::MissingShard {
+                            index: index_path.to_path_buf(),
+                            shard: shard.clone(),
+                            name: name.clone(),
+                            reason: format!("{} does not exist", shard_path.display()),
+                        });
+                    }
+                    files.push(SafetensorsFile::open(&shard_path)?);
+                    shard_ids.insert(shard, files.len() - 1);
+                    files.len() - 1
+                }
+            };
+            if !files[id].contains(name) {
+                return Err(TensorError::TensorNotFound {
+                    path: files[id].path().to_path_buf(),
+                    name: name.clone(),
+                });
+            }
+            by_name.insert(name.clone(), id);
+        }
+        Ok(Checkpoint {
+            root: index_path.to_path_buf(),
+            files,
+            by_name,
+        })
+    }
+
+    /// The file or index this checkpoint was opened from.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// The underlying files (one, or one per shard).
+    pub fn files(&self) -> &[SafetensorsFile] {
+        &self.files
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    fn file_of(&self, name: &str) -> Result<&SafetensorsFile> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.files[i])
+            .ok_or_else(|| TensorError::TensorNotFound {
+                path: self.root.clone(),
+                name: name.to_string(),
+            })
+    }
+
+    /// Dtype and shape of `name`.
+    pub fn info(&self, name: &str) -> Result<StoredTensorInfo> {
+        self.file_of(name)?.info(name)
+    }
+
+    /// The tensor `name`, zero-copy.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.file_of(name)?.tensor(name)
+    }
+}
+
+/// Something that can be written as one safetensors tensor. Implemented for [`Tensor`] and
+/// [`TensorView`]; implement it to produce tensor data lazily (streamed quantization).
+pub trait TensorSource {
+    fn dtype(&self) -> DType;
+    fn shape(&self) -> &[usize];
+    /// Write exactly `numel * dtype size` bytes, row-major.
+    fn write_data(&self, out: &mut dyn Write) -> Result<()>;
+}
+
+impl TensorSource for TensorView<'_> {
+    fn dtype(&self) -> DType {
+        TensorView::dtype(self)
+    }
+    fn shape(&self) -> &[usize] {
+        TensorView::shape(self)
+    }
+    fn write_data(&self, out: &mut dyn Write) -> Result<()> {
+        let io = |e| TensorError::io("<safetensors output>", "writing", e);
+        if self.is_contiguous() {
+            out.write_all(self.contiguous_bytes()?).map_err(io)
+        } else {
+            out.write_all(self.to_owned()?.view().contiguous_bytes()?)
+                .map_err(io)
+        }
+    }
+}
+
+impl TensorSource for Tensor {
+    fn dtype(&self) -> DType {
+        Tensor::dtype(self)
+    }
+    fn shape(&self) -> &[usize] {
+        Tensor::shape(self)
+    }
+    fn write_data(&self, out: &mut dyn Write) -> Result<()> {
+        self.view().write_data(out)
+    }
+}
+
+impl<T: TensorSource + ?Sized> TensorSource for &T {
+    fn dtype(&self) -> DType {
+        (**self).dtype()
+    }
+    fn shape(&self) -> &[usize] {
+        (**self).shape()
+    }
+    fn write_data(&self, out: &mut dyn Write) -> Result<()> {
+        (**self).write_data(out)
+    }
+}
+
+struct CountingWriter<'a> {
+    inner: &'a mut dyn Write,
+    count: u64,
+}
+
+impl Write for CountingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Write `tensors` in safetensors format to any writer. Tensors are ordered by dtype size
+/// (largest first) then name, so every tensor stays aligned to its element size.
+pub fn write_safetensors<S: TensorSource>(
+    out: &mut dyn Write,
+    tensors: &[(String, S)],
+    metadata: Option<&BTreeMap<String, String>>,
+    path_for_errors: &Path,
+) -> Result<()> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (na, ta) = &tensors[a];
+        let (nb, tb) = &tensors[b];
+        tb.dtype()
+            .size_in_bytes()
+            .cmp(&ta.dtype().size_in_bytes())
+            .then_with(|| na.cmp(nb))
+    });
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, t) = &tensors[i];
+        let len = checked_numel(t.shape())
+            .and_then(|n| n.checked_mul(t.dtype().size_in_bytes()))
+            .ok_or_else(|| TensorError::ShapeOverflow {
+                shape: t.shape().to_vec(),
+            })?;
+        infos.push((
+            name.clone(),
+            TensorInfo {
+                dtype: t.dtype().to_safetensors(),
+                shape: t.shape().to_vec(),
+                data_offsets: (offset, offset + len),
+            },
+        ));
+        offset += len;
+    }
+    let user = metadata.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    let header_error = |reason: String| TensorError::Write {
+        path: path_for_errors.to_path_buf(),
+        name: "<header>".into(),
+        reason,
+    };
+    let meta = Metadata::new(user, infos).map_err(|e| header_error(e.to_string()))?;
+    let mut header = serde_json::to_vec(&meta).map_err(|e| header_error(e.to_string()))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let io = |e| TensorError::io(path_for_errors, "writing", e);
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    out.write_all(&header).map_err(io)?;
+    for &i in &order {
+        let (name, t) = &tensors[i];
+        let expected = (t.shape().iter().product::<usize>() * t.dtype().size_in_bytes()) as u64;
+        let mut counter = CountingWriter {
+            inner: out,
+            count: 0,
+        };
+        t.write_data(&mut counter).map_err(|e| TensorError::Write {
+            path: path_for_errors.to_path_buf(),
+            name: name.clone(),
+            reason: e.to_string(),
+        })?;
+        if counter.count != expected {
+            return Err(TensorError::Write {
+                path: path_for_errors.to_path_buf(),
+                name: name.clone(),
+                reason: format!(
+                    "wrote {} bytes for shape {:?} of {}, expected {expected}",
+                    counter.count,
+                    t.shape(),
+                    t.dtype()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Save `tensors` to `path` atomically: a temporary file beside it, fsync, rename. On any
+/// error nothing appears at `path` and a previous file there is left intact.
+pub fn save_safetensors<S: TensorSource>(
+    path: impl AsRef<Path>,
+    tensors: &[(String, S)],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let mut file = AtomicFile::create(path)?;
+    write_safetensors(file.writer(), tensors, metadata, path)?;
+    file.commit()
+}

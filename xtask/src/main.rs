@@ -1,0 +1,194 @@
+//! `cargo xtask`: project automation, kept thin (rust-analyzer style).
+//!
+//! - `cargo xtask ci [--no-test]`: rustfmt check, clippy with warnings denied, then the README's
+//!   test command (the same one `.ci/run` runs).
+//! - `cargo xtask snapshots [--accept|--reject]`: run the tests recording insta snapshot
+//!   changes, show them, then accept or reject them.
+//! - `cargo xtask bench [gemm|model|all] [--threads N] [--json]`: benchmarks.
+
+mod gemm_bench;
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  ci [--no-test]                         fmt check, clippy -D warnings, then the README test command
+  test-command                           print the test command written in README.md
+  snapshots [--accept|--reject]          review pending insta snapshots (accept or reject them)
+  bench [gemm|model|all] [--threads N] [--json]
+                                         benchmarks (see ../shared/cli-contract.md)";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(&root, args.iter().any(|a| a == "--no-test")),
+        Some("test-command") => {
+            println!("{}", readme_test_command(&root)?);
+            Ok(())
+        }
+        Some("snapshots") => snapshots(&root, &args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("-h" | "--help" | "help") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown xtask command `{other}`\n\n{USAGE}"),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// The test command from README.md: the first fenced line that starts with `cargo test`
+/// or `cargo nextest run`. CI runs exactly this.
+fn readme_test_command(root: &Path) -> Result<String> {
+    let readme = std::fs::read_to_string(root.join("README.md")).context("reading README.md")?;
+    readme
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("cargo test") || l.starts_with("cargo nextest run"))
+        .map(str::to_string)
+        .context("README.md has no line starting with `cargo test`")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn shell(line: &str) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(line);
+    cmd
+}
+
+fn ci(root: &Path, no_test: bool) -> Result<()> {
+    let start = std::time::Instant::now();
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    if !no_test {
+        run(&mut shell(&readme_test_command(root)?))?;
+    }
+    eprintln!("xtask ci: ok in {:.0} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn pending_snapshots(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if path.is_dir() && name != "target" && !name.to_string_lossy().starts_with('.') {
+            pending_snapshots(&path, out);
+        } else if path.to_string_lossy().ends_with(".snap.new") {
+            out.push(path);
+        }
+    }
+}
+
+fn snapshots(root: &Path, args: &[String]) -> Result<()> {
+    let accept = args.iter().any(|a| a == "--accept");
+    let reject = args.iter().any(|a| a == "--reject");
+    if !accept && !reject {
+        // Record every changed snapshot as `.snap.new` without failing the run.
+        let _ = Command::new("cargo")
+            .args(["test", "--workspace"])
+            .env("INSTA_UPDATE", "new")
+            .env("INSTA_FORCE_PASS", "1")
+            .status();
+    }
+    let mut pending = Vec::new();
+    pending_snapshots(root, &mut pending);
+    pending.sort();
+    if pending.is_empty() {
+        println!("no pending snapshots");
+        return Ok(());
+    }
+    for new in &pending {
+        let old = PathBuf::from(new.to_string_lossy().trim_end_matches(".new"));
+        if accept {
+            std::fs::rename(new, &old)?;
+            println!("accepted {}", old.display());
+        } else if reject {
+            std::fs::remove_file(new)?;
+            println!("rejected {}", new.display());
+        } else {
+            println!("=== {}", old.display());
+            let _ = Command::new("diff")
+                .args(["-u", "--label", "old", "--label", "new"])
+                .arg(if old.exists() {
+                    old.as_path()
+                } else {
+                    Path::new("/dev/null")
+                })
+                .arg(new)
+                .status();
+        }
+    }
+    if !accept && !reject {
+        println!(
+            "\n{} pending snapshot(s); `cargo xtask snapshots --accept` or `--reject`",
+            pending.len()
+        );
+    }
+    Ok(())
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let mut which = "all";
+    let mut threads = None;
+    let mut json = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "gemm" | "model" | "all" => which = a,
+            "--json" => json = true,
+            "--threads" => {
+                let n = it.next().context("--threads needs a value")?;
+                threads = Some(
+                    n.parse::<usize>()
+                        .with_context(|| format!("--threads {n}"))?,
+                );
+            }
+            other => bail!("unknown bench argument `{other}`\n\n{USAGE}"),
+        }
+    }
+    match which {
+        "gemm" => gemm_bench::run(threads, json),
+        "model" => model_bench(threads, json),
+        _ => {
+            gemm_bench::run(threads, json)?;
+            model_bench(threads, json)
+        }
+    }
+}
+
+fn model_bench(_threads: Option<usize>, _json: bool) -> Result<()> {
+    bail!(
+        "`cargo xtask bench model` will run `smoothquant bench` on ../shared's SmolLM2 for fp32 and each \
+         W8A8 preset (prefill at 128, 512 and 2048 tokens, decode after 512, peak RSS, model bytes); \
+         the W8A8 model path it measures is not in the workspace yet"
+    )
+}
