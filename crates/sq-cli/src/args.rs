@@ -143,7 +143,12 @@ pub struct QuantArgs {
 
     /// Migration strength: a number in [0, 1], `auto` for a per-group search, or a JSON file
     /// mapping each smoothing group (named by its first Linear) to its alpha
-    #[arg(long, value_name = "VALUE|auto|FILE.json", default_value = "0.5")]
+    #[arg(
+        long,
+        value_name = "VALUE|auto|FILE.json",
+        default_value = "0.5",
+        allow_negative_numbers = true
+    )]
     pub alpha: String,
 
     /// Which Linear inputs to smooth
@@ -266,10 +271,20 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy
-    #[arg(long, value_name = "T", default_value_t = 0.0)]
+    #[arg(
+        long,
+        value_name = "T",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P
-    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     pub top_p: f32,
     /// Print one JSON object
     #[arg(long)]

@@ -1,14 +1,48 @@
 //! # sq-model
 //!
-//! OPT, BLOOM and LLaMA decoders for smoothquant-rs, with loaders for Hugging Face directories,
-//! GGUF and llama2.c checkpoints. The decoders land with the model issue; this crate currently
-//! holds the error type every loader reports through.
+//! OPT, BLOOM and LLaMA-family decoders in FP32 for smoothquant-rs, with loaders for Hugging
+//! Face directories (config.json, single or sharded safetensors in f32/f16/bf16,
+//! tokenizer.json), GGUF v2/v3 files and llama2.c checkpoints, generation and perplexity.
+//!
+//! One decoder implementation serves every architecture ([`Model`]); the per-architecture
+//! modules ([`llama`], [`opt`], [`bloom`]) map configs and tensor names into it. Every
+//! projection is a [`NamedLinear`] holding a `Box<dyn Linear>`, so FP, naive W8A8 and
+//! SmoothQuant share the decoder, and calibration can observe every Linear's input. Norms are
+//! addressable by name ([`Model::norm_mut`]) because smoothing folds scales into them.
 //!
 //! ```
-//! use sq_model::ModelError;
-//! let e = ModelError::MissingTensor { path: "model.safetensors".into(), name: "lm_head.weight".into() };
-//! assert_eq!(e.to_string(), "model.safetensors: tensor `lm_head.weight` is missing");
+//! use sq_model::{generate, load, Sampler};
+//!
+//! // With no path, the embedded stories260K model (llama2.c, 260K parameters) is used.
+//! let loaded = load(None, None).unwrap();
+//! let mut prompt = vec![loaded.tokenizer.bos_id().unwrap()];
+//! prompt.extend(loaded.tokenizer.encode("Once upon a time").unwrap());
+//! let out = generate(&loaded.model, loaded.tokenizer.as_ref(), &prompt, 12, &mut Sampler::greedy(), |_| {})
+//!     .unwrap();
+//! assert!(out.text.starts_with(", there was a little girl named Lily"), "{}", out.text);
 //! ```
 
+pub mod bloom;
+pub mod config;
 pub mod error;
+pub mod gemm;
+pub mod generate;
+pub mod gguf;
+pub mod layers;
+pub mod linear;
+pub mod llama;
+pub mod llama2c;
+pub mod loader;
+pub mod model;
+pub mod opt;
+pub mod raw;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
+pub use generate::{generate, perplexity, GenerateOutput, Perplexity, Sampler};
+pub use linear::{FpLinear, Linear, NamedLinear};
+pub use loader::{load, load_hf_dir, LoadedModel};
+pub use model::{Logits, Model, Session};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,71 @@
+use super::common::{
+    load_model, parse_schemes, print_json, require_runnable, show_progress, Scheme,
+};
+use crate::args::GenerateArgs;
+use anyhow::{bail, Context, Result};
+use sq_model::{generate, Sampler};
+use std::io::Write;
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let schemes = parse_schemes(&a.quant, &[Scheme::Fp32])?;
+    if schemes.len() != 1 {
+        bail!(
+            "generate runs one scheme at a time; --scheme lists {}",
+            schemes.len()
+        );
+    }
+    require_runnable(&schemes, &a.quant)?;
+    if a.prompt.is_empty() {
+        bail!("--prompt is empty: give the text to continue");
+    }
+    let sampler = Sampler::new(a.temperature, a.top_p, a.quant.calib.seed)
+        .context("invalid sampling options")?;
+    let mut sampler = sampler;
+    let loaded = load_model(&a.model, show_progress(a.json))?;
+    let mut prompt = Vec::new();
+    if loaded.add_bos {
+        if let Some(bos) = loaded.tokenizer.bos_id() {
+            prompt.push(bos);
+        }
+    }
+    prompt.extend(loaded.tokenizer.encode(&a.prompt)?);
+    let stream = !a.json;
+    if stream {
+        print!("{}", a.prompt);
+        std::io::stdout().flush()?;
+    }
+    let out = generate(
+        &loaded.model,
+        loaded.tokenizer.as_ref(),
+        &prompt,
+        a.max_tokens,
+        &mut sampler,
+        |piece| {
+            if stream {
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+            }
+        },
+    )?;
+    if a.json {
+        print_json(&serde_json::json!({
+            "prompt": a.prompt,
+            "text": out.text,
+            "tokens": out.tokens.len(),
+            "tokens_per_s": out.decode_tokens_per_s(),
+            "prompt_tokens": out.prompt_tokens,
+            "prefill_tokens_per_s": out.prompt_tokens as f64 / out.prefill_seconds.max(1e-9),
+            "scheme": schemes[0].name(),
+        }))?;
+    } else {
+        println!();
+        eprintln!(
+            "{} tokens, prefill {:.1} tok/s ({} prompt tokens), decode {:.1} tok/s",
+            out.tokens.len(),
+            out.prompt_tokens as f64 / out.prefill_seconds.max(1e-9),
+            out.prompt_tokens,
+            out.decode_tokens_per_s()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! Building blocks shared by every architecture: norms, rotary embeddings, attention over the
+//! KV cache, activations.
+
+use crate::config::{Activation, NormKind};
+use crate::{ModelError, Result};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// A LayerNorm or RMSNorm with its Hugging Face name. Smoothing folds scales into `weight` and
+/// `bias`, so both are public.
+#[derive(Clone, Debug)]
+pub struct Norm {
+    pub name: String,
+    pub kind: NormKind,
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+    pub eps: f32,
+}
+
+impl Norm {
+    /// Normalize each row of `x` (`[rows, dim]`) into `out`.
+    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
+        let dim = self.weight.len();
+        out.par_chunks_mut(dim)
+            .zip(x.par_chunks(dim))
+            .with_min_len(8)
+            .for_each(|(o, xr)| self.forward_row(xr, o));
+    }
+
+    #[inline]
+    pub fn forward_row(&self, x: &[f32], out: &mut [f32]) {
+        let n = x.len() as f32;
+        match self.kind {
+            NormKind::RmsNorm => {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / n;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                for ((o, &v), &w) in out.iter_mut().zip(x).zip(&self.weight) {
+                    *o = w * (v * r);
+                }
+            }
+            NormKind::LayerNorm => {
+                let mean = x.iter().sum::<f32>() / n;
+                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+                let r = 1.0 / (var + self.eps).sqrt();
+                match &self.bias {
+                    Some(b) => {
+                        for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(&self.weight).zip(b) {
+                            *o = (v - mean) * r * w + b;
+                        }
+                    }
+                    None => {
+                        for ((o, &v), &w) in out.iter_mut().zip(x).zip(&self.weight) {
+                            *o = (v - mean) * r * w;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Apply an activation in place (for gated MLPs `x` is the gate).
+pub fn activate(act: Activation, x: &mut [f32]) {
+    x.par_chunks_mut(4096).for_each(|c| {
+        for v in c {
+            *v = match act {
+                Activation::Silu => *v / (1.0 + (-*v).exp()),
+                Activation::Relu => v.max(0.0),
+                Activation::GeluTanh => {
+                    let x = *v;
+                    0.5 * x * (1.0 + (0.797_884_6 * x * (1.0 + 0.044715 * x * x)).tanh())
+                }
+                Activation::Gelu => {
+                    let x = *v as f64;
+                    (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32
+                }
+            }
+        }
+    });
+}
+
+/// erf with < 1.2e-7 absolute error (Numerical Recipes' erfc Chebyshev fit).
+fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let ans = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 {
+        1.0 - ans
+    } else {
+        ans - 1.0
+    }
+}
+
+/// Rotate `x` (`[rows, heads * head_dim]`, row `t` at position `pos0 + t`) in place with
+/// Hugging Face's `rotate_half` convention: pairs `(i, i + head_dim/2)`.
+pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, pos0: usize, inv_freq: &[f32]) {
+    let half = head_dim / 2;
+    let width = heads * head_dim;
+    x.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
+        let pos = (pos0 + t) as f32;
+        for (i, &f) in inv_freq.iter().enumerate().take(half) {
+            // Same f32 product as PyTorch (`inv_freq @ position`), then cos/sin.
+            let angle = pos * f;
+            let (sin, cos) = angle.sin_cos();
+            for h in 0..heads {
+                let base = h * head_dim;
+                let a = row[base + i];
+                let b = row[base + i + half];
+                row[base + i] = a * cos - b * sin;
+                row[base + i + half] = b * cos + a * sin;
+            }
+        }
+    });
+}
+
+/// Keys and values of every layer, preallocated for `capacity` positions so decoding never
+/// allocates. Layout per layer: `[position, kv_head, head_dim]`.
+#[derive(Debug)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    kv_dim: usize,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(layers: usize, kv_dim: usize, capacity: usize) -> Self {
+        KvCache {
+            keys: (0..layers).map(|_| vec![0.0; kv_dim * capacity]).collect(),
+            values: (0..layers).map(|_| vec![0.0; kv_dim * capacity]).collect(),
+            kv_dim,
+            capacity,
+            len: 0,
+        }
+    }
+
+    /// Positions filled so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Forget every position (start a new sequence); keeps the memory.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+    /// Drop positions past `len` (e.g. to re-run a shared prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub(crate) fn check_room(&self, new_tokens: usize) -> Result<()> {
+        if self.len + new_tokens > self.capacity {
+            return Err(ModelError::Invalid(format!(
+                "sequence of {} tokens exceeds the KV cache capacity of {} positions (the model's context length or the session's limit)",
+                self.len + new_tokens,
+                self.capacity
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn store(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let start = self.len * self.kv_dim;
+        self.keys[layer][start..start + k.len()].copy_from_slice(k);
+        self.values[layer][start..start + v.len()].copy_from_slice(v);
+    }
+
+    pub(crate) fn advance(&mut self, tokens: usize) {
+        self.len += tokens;
+    }
+
+    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * 2 * self.keys.len() * self.kv_dim * self.capacity
+    }
+}
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Shape of one attention call.
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Position of the first query row.
+    pub pos0: usize,
+    /// Multiplier of q·k (1/sqrt(head_dim), or 1 when Q is pre-scaled as in OPT).
+    pub scale: f32,
+    pub sliding_window: Option<usize>,
+}
+
+/// Causal attention of `q` (`[rows, heads * head_dim]`, row `t` at position `pos0 + t`) over
+/// the cached keys/values of positions `0..=pos0 + t`, writing `out` like `q`. `alibi` gives a
+/// per-head slope added as `slope * key_position` (BLOOM).
+pub fn attention(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: &AttentionShape,
+    alibi: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+        pos0,
+        scale,
+        sliding_window,
+    } = *shape;
+    let q_width = heads * head_dim;
+    let kv_width = kv_heads * head_dim;
+    let group = heads / kv_heads;
+    out.par_chunks_mut(q_width)
+        .zip(q.par_chunks(q_width))
+        .enumerate()
+        .for_each(|(t, (o_row, q_row))| {
+            let pos = pos0 + t;
+            let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let n = pos + 1 - first;
+            SCORES.with(|s| {
+                let mut scores = s.borrow_mut();
+                if scores.len() < n {
+                    scores.resize(n, 0.0);
+                }
+                let scores = &mut scores[..n];
+                for h in 0..heads {
+                    let kvh = h / group;
+                    let qh = &q_row[h * head_dim..(h + 1) * head_dim];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        let kp = first + j;
+                        let k = &keys[kp * kv_width + kvh * head_dim..][..head_dim];
+                        let mut d = 0.0f32;
+                        for (a, b) in qh.iter().zip(k) {
+                            d += a * b;
+                        }
+                        let mut v = d * scale;
+                        if let Some(slopes) = alibi {
+                            v += slopes[h] * kp as f32;
+                        }
+                        *sc = v;
+                        max = max.max(v);
+                    }
+                    let mut sum = 0.0f32;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    let inv = 1.0 / sum;
+                    let oh = &mut o_row[h * head_dim..(h + 1) * head_dim];
+                    oh.fill(0.0);
+                    for (j, &p) in scores.iter().enumerate() {
+                        let v = &values[(first + j) * kv_width + kvh * head_dim..][..head_dim];
+                        let p = p * inv;
+                        for (o, &x) in oh.iter_mut().zip(v) {
+                            *o += p * x;
+                        }
+                    }
+                }
+            });
+        });
+}

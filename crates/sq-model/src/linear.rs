@@ -1,0 +1,164 @@
+//! The one trait every projection goes through, so that FP, naive W8A8 and SmoothQuant share
+//! the same decoder code, and calibration can observe every Linear's input.
+
+use crate::{ModelError, Result};
+use std::any::Any;
+use std::fmt;
+
+/// `y[m, out] = x[m, in] · Wᵀ + bias`, whatever the weights' representation.
+pub trait Linear: Send + Sync + fmt::Debug {
+    fn in_features(&self) -> usize;
+    fn out_features(&self) -> usize;
+    /// Apply to `m` rows of `x` (row-major `[m, in]`), writing `y` (`[m, out]`).
+    fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()>;
+    /// Bytes held for weights, scales and bias (the model-size figure).
+    fn weight_bytes(&self) -> usize;
+    /// Short description of the representation (`"f32"`, `"w8a8"`, ...).
+    fn kind(&self) -> String;
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// Check the slice lengths of a `forward` call; every `Linear` calls this first.
+pub fn check_forward_shapes(linear: &dyn Linear, x: &[f32], m: usize, y: &[f32]) -> Result<()> {
+    let (k, n) = (linear.in_features(), linear.out_features());
+    if m.checked_mul(k) != Some(x.len()) || m.checked_mul(n) != Some(y.len()) {
+        return Err(ModelError::Invalid(format!(
+            "{} Linear [{n} x {k}]: input of {} values and output of {} values do not hold {m} rows",
+            linear.kind(),
+            x.len(),
+            y.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A full-precision Linear: weights `[out, in]` row-major as in PyTorch, optional bias.
+#[derive(Clone)]
+pub struct FpLinear {
+    in_features: usize,
+    out_features: usize,
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+impl fmt::Debug for FpLinear {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "FpLinear([{} x {}], bias: {})",
+            self.out_features,
+            self.in_features,
+            self.bias.is_some()
+        )
+    }
+}
+
+impl FpLinear {
+    pub fn new(
+        weight: Vec<f32>,
+        out_features: usize,
+        in_features: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        if out_features.checked_mul(in_features) != Some(weight.len()) {
+            return Err(ModelError::Invalid(format!(
+                "FpLinear: {} weights do not make [{out_features} x {in_features}]",
+                weight.len()
+            )));
+        }
+        if bias.as_ref().is_some_and(|b| b.len() != out_features) {
+            return Err(ModelError::Invalid(format!(
+                "FpLinear: bias of {} values for {out_features} outputs",
+                bias.as_ref().map_or(0, Vec::len)
+            )));
+        }
+        Ok(FpLinear {
+            in_features,
+            out_features,
+            weight,
+            bias,
+        })
+    }
+
+    /// Weights `[out, in]`, row-major.
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+    /// Mutable weights (smoothing scales input channels in place).
+    pub fn weight_mut(&mut self) -> &mut [f32] {
+        &mut self.weight
+    }
+    pub fn bias_mut(&mut self) -> Option<&mut [f32]> {
+        self.bias.as_deref_mut()
+    }
+}
+
+impl Linear for FpLinear {
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+    fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        check_forward_shapes(self, x, m, y)?;
+        crate::gemm::matmul_xwt(
+            x,
+            m,
+            self.in_features,
+            &self.weight,
+            self.out_features,
+            self.bias.as_deref(),
+            y,
+        );
+        Ok(())
+    }
+    fn weight_bytes(&self) -> usize {
+        4 * (self.weight.len() + self.bias.as_ref().map_or(0, Vec::len))
+    }
+    fn kind(&self) -> String {
+        "f32".into()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// A Linear with its Hugging Face name (`model.layers.0.self_attn.q_proj`).
+#[derive(Debug)]
+pub struct NamedLinear {
+    pub name: String,
+    pub linear: Box<dyn Linear>,
+}
+
+impl NamedLinear {
+    pub fn new(name: impl Into<String>, linear: impl Linear + 'static) -> Self {
+        NamedLinear {
+            name: name.into(),
+            linear: Box::new(linear),
+        }
+    }
+
+    /// Forward with the shape check naming this Linear on error.
+    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        self.linear.forward(x, m, y).map_err(|e| match e {
+            ModelError::Invalid(msg) => ModelError::Invalid(format!("{}: {msg}", self.name)),
+            other => other,
+        })
+    }
+
+    /// The FP weights, when this Linear is still full precision.
+    pub fn as_fp(&self) -> Option<&FpLinear> {
+        self.linear.as_any().downcast_ref()
+    }
+    pub fn as_fp_mut(&mut self) -> Option<&mut FpLinear> {
+        self.linear.as_any_mut().downcast_mut()
+    }
+}

@@ -1,0 +1,203 @@
+//! Loading any supported checkpoint into a [`Model`] and its tokenizer.
+
+use crate::config::{read_config_json, Architecture, SUPPORTED_ARCHITECTURES};
+use crate::model::Model;
+use crate::raw::RawModel;
+use crate::tokenizer::{HfTokenizer, Tokenizer};
+use crate::weights::{TensorMap, WeightSource};
+use crate::{bloom, llama, opt, ModelError, Result};
+use sq_tensor::Checkpoint;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A model ready to run, with its tokenizer and provenance.
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Arc<dyn Tokenizer>,
+    /// Where it came from (`<embedded stories260K>` for the default).
+    pub source: PathBuf,
+    /// `"hf"`, `"gguf"`, `"llama2.c"`.
+    pub format: &'static str,
+    /// Whether generation should start with BOS (llama2.c and SentencePiece-style models do).
+    pub add_bos: bool,
+    /// The config.json (or its equivalent for GGUF / llama2.c), for export.
+    pub hf_config: serde_json::Value,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("source", &self.source)
+            .field("format", &self.format)
+            .field("architecture", &self.model.config.architecture)
+            .finish()
+    }
+}
+
+/// The architecture named by a config.json's `architectures` (or `model_type`).
+pub fn architecture_of(config: &serde_json::Value, path: &Path) -> Result<Architecture> {
+    let names: Vec<String> = match config.get("architectures").and_then(|a| a.as_array()) {
+        Some(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        None => config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .map(|s| vec![s.to_string()])
+            .unwrap_or_default(),
+    };
+    for name in &names {
+        match name.as_str() {
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "llama"
+            | "mistral" | "qwen2" => return Ok(Architecture::Llama),
+            "OPTForCausalLM" | "opt" => return Ok(Architecture::Opt),
+            "BloomForCausalLM" | "bloom" => return Ok(Architecture::Bloom),
+            _ => {}
+        }
+    }
+    Err(ModelError::UnsupportedArchitecture {
+        path: path.to_path_buf(),
+        architecture: if names.is_empty() {
+            "<none given>".into()
+        } else {
+            names.join(", ")
+        },
+        supported: SUPPORTED_ARCHITECTURES,
+    })
+}
+
+/// Build a model from a config.json value and Hugging Face-named weights.
+pub fn build_model(
+    config: &serde_json::Value,
+    config_path: &Path,
+    weights: &dyn WeightSource,
+) -> Result<Model> {
+    let arch = architecture_of(config, config_path)?;
+    let _span = tracing::info_span!("build_model", architecture = arch.name()).entered();
+    match arch {
+        Architecture::Llama => llama::build(llama::config(config, config_path)?, weights),
+        Architecture::Opt => opt::build(opt::config(config, config_path)?, config, weights),
+        Architecture::Bloom => bloom::build(bloom::config(config, config_path)?, weights),
+    }
+}
+
+/// Load a Hugging Face model directory (config.json, safetensors, tokenizer.json).
+pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
+    let config_path = dir.join("config.json");
+    let config = read_config_json(&config_path)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let model = build_model(&config, &config_path, &ckpt)?;
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Err(ModelError::Tokenizer {
+            path: tok_path,
+            reason: "missing: a Hugging Face model directory needs its tokenizer.json".into(),
+        });
+    }
+    let tokenizer = HfTokenizer::from_file(&tok_path)?
+        .with_special_ids(model.config.bos_token_id, model.config.eos_token_id)?;
+    let add_bos = read_add_bos(dir);
+    Ok(LoadedModel {
+        model,
+        tokenizer: Arc::new(tokenizer),
+        source: dir.to_path_buf(),
+        format: "hf",
+        add_bos,
+        hf_config: config,
+    })
+}
+
+/// `add_bos_token` from tokenizer_config.json (LLaMA-style tokenizers set it), default false.
+fn read_add_bos(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("add_bos_token").and_then(|b| b.as_bool()))
+        .unwrap_or(false)
+}
+
+/// Turn a GGUF or llama2.c load into a model.
+pub fn from_raw(raw: RawModel, add_bos: bool) -> Result<LoadedModel> {
+    let config_path = raw.source.clone();
+    let map = TensorMap {
+        tensors: &raw.tensors,
+        source: &raw.source,
+    };
+    let model = build_model(&raw.config, &config_path, &map)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer: raw.tokenizer,
+        source: raw.source,
+        format: raw.format,
+        add_bos,
+        hf_config: raw.config,
+    })
+}
+
+/// Load whatever `path` is: a Hugging Face directory, a `.gguf` file, a llama2.c `.bin`
+/// (tokenizer from `tokenizer` or `tok512.bin`/`tokenizer.bin` beside it), or, with no path,
+/// the embedded stories260K model.
+pub fn load(path: Option<&Path>, tokenizer: Option<&Path>) -> Result<LoadedModel> {
+    let Some(path) = path else {
+        let raw = crate::llama2c::embedded_stories260k()?;
+        return from_raw(raw, true);
+    };
+    if !path.exists() {
+        return Err(ModelError::io(
+            path,
+            "opening the model",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+    }
+    if path.is_dir() {
+        if path.join("config.json").is_file() {
+            return load_hf_dir(path);
+        }
+        return Err(ModelError::UnknownFormat {
+            path: path.to_path_buf(),
+            reason: "a model directory needs a config.json (Hugging Face layout)".into(),
+        });
+    }
+    let mut magic = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, "opening", e))?;
+        let _ = f
+            .read(&mut magic)
+            .map_err(|e| ModelError::io(path, "reading", e))?;
+    }
+    if &magic == b"GGUF" {
+        let file = crate::gguf::GgufFile::open(path)?;
+        let add_bos = file
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(file.get("tokenizer.ggml.model").and_then(|v| v.as_str()) == Some("llama"));
+        let raw = crate::gguf::load_gguf_file(&file)?;
+        return from_raw(raw, add_bos);
+    }
+    if path.extension().is_some_and(|e| e == "bin") {
+        let tok = match tokenizer {
+            Some(t) => t.to_path_buf(),
+            None => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                ["tok512.bin", "tokenizer.bin"]
+                    .iter()
+                    .map(|n| dir.join(n))
+                    .find(|p| p.is_file())
+                    .ok_or_else(|| ModelError::Tokenizer {
+                        path: dir.join("tokenizer.bin"),
+                        reason: "no tokenizer for this llama2.c checkpoint: pass --tokenizer FILE"
+                            .into(),
+                    })?
+            }
+        };
+        let raw = crate::llama2c::load_llama2c(path, &tok)?;
+        return from_raw(raw, true);
+    }
+    Err(ModelError::UnknownFormat {
+        path: path.to_path_buf(),
+        reason: "expected a Hugging Face directory, a .gguf file or a llama2.c .bin checkpoint"
+            .into(),
+    })
+}

@@ -1,0 +1,498 @@
+//! One decoder implementation for every architecture: the per-architecture files only map
+//! configs and tensor names into these structures.
+
+use crate::config::{Activation, Architecture, ModelConfig, PositionEncoding};
+use crate::layers::{activate, apply_rope, attention, AttentionShape, KvCache, Norm};
+use crate::linear::NamedLinear;
+use crate::{ModelError, Result};
+
+/// The query/key/value projections of one layer.
+#[derive(Debug)]
+pub enum QkvProj {
+    /// Separate `q_proj`, `k_proj`, `v_proj` (LLaMA, OPT).
+    Separate {
+        q: NamedLinear,
+        k: NamedLinear,
+        v: NamedLinear,
+    },
+    /// BLOOM's fused `query_key_value`, output laid out per head as `[q, k, v]`.
+    BloomFused(NamedLinear),
+}
+
+/// The MLP of one layer.
+#[derive(Debug)]
+pub enum Mlp {
+    /// `down(act(gate(x)) * up(x))` (LLaMA).
+    Gated {
+        gate: NamedLinear,
+        up: NamedLinear,
+        down: NamedLinear,
+    },
+    /// `fc2(act(fc1(x)))` (OPT, BLOOM).
+    Plain { fc1: NamedLinear, fc2: NamedLinear },
+}
+
+/// One decoder layer.
+#[derive(Debug)]
+pub struct Block {
+    /// The norm feeding attention (pre-norm), or applied after the attention residual (OPT post-norm).
+    pub attn_norm: Norm,
+    pub qkv: QkvProj,
+    pub o_proj: NamedLinear,
+    /// The norm feeding the MLP (pre-norm), or applied after the MLP residual (post-norm).
+    pub mlp_norm: Norm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    /// Every Linear of the layer, in forward order.
+    pub fn linears(&self) -> Vec<&NamedLinear> {
+        let mut out = Vec::with_capacity(7);
+        match &self.qkv {
+            QkvProj::Separate { q, k, v } => out.extend([q, k, v]),
+            QkvProj::BloomFused(qkv) => out.push(qkv),
+        }
+        out.push(&self.o_proj);
+        match &self.mlp {
+            Mlp::Gated { gate, up, down } => out.extend([gate, up, down]),
+            Mlp::Plain { fc1, fc2 } => out.extend([fc1, fc2]),
+        }
+        out
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut NamedLinear> {
+        let mut out = Vec::with_capacity(7);
+        match &mut self.qkv {
+            QkvProj::Separate { q, k, v } => out.extend([q, k, v]),
+            QkvProj::BloomFused(qkv) => out.push(qkv),
+        }
+        out.push(&mut self.o_proj);
+        match &mut self.mlp {
+            Mlp::Gated { gate, up, down } => out.extend([gate, up, down]),
+            Mlp::Plain { fc1, fc2 } => out.extend([fc1, fc2]),
+        }
+        out
+    }
+}
+
+/// A token embedding table `[vocab, dim]`.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    pub name: String,
+    pub weight: Vec<f32>,
+    pub dim: usize,
+}
+
+/// A decoder-only causal language model.
+#[derive(Debug)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed: Embedding,
+    /// OPT's learned positions `[max_positions + offset, hidden]`.
+    pub pos_embed: Option<Embedding>,
+    /// BLOOM's `word_embeddings_layernorm`.
+    pub embed_norm: Option<Norm>,
+    /// OPT's `project_in` / `project_out` when `word_embed_proj_dim != hidden_size`.
+    pub project_in: Option<NamedLinear>,
+    pub project_out: Option<NamedLinear>,
+    pub layers: Vec<Block>,
+    pub final_norm: Option<Norm>,
+    pub lm_head: NamedLinear,
+}
+
+/// Which logits a forward call produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position's (generation).
+    Last,
+    /// Every position's (perplexity, parity tests).
+    All,
+}
+
+/// Per-sequence state: the KV cache and reusable activation buffers (grown once, then reused,
+/// so decoding allocates nothing per token).
+#[derive(Debug)]
+pub struct Session {
+    pub cache: KvCache,
+    bufs: Buffers,
+}
+
+#[derive(Debug, Default)]
+struct Buffers {
+    hidden: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    mlp_a: Vec<f32>,
+    mlp_b: Vec<f32>,
+    emb: Vec<f32>,
+    head_in: Vec<f32>,
+}
+
+fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+impl Model {
+    /// A session able to hold `capacity` positions (at most the model's context length).
+    pub fn session(&self, capacity: usize) -> Session {
+        let capacity = capacity.min(self.config.max_position_embeddings).max(1);
+        Session {
+            cache: KvCache::new(self.config.num_layers, self.config.kv_dim(), capacity),
+            bufs: Buffers::default(),
+        }
+    }
+
+    /// Every Linear with its name, in forward order (LM head last).
+    pub fn linears(&self) -> Vec<&NamedLinear> {
+        let mut out: Vec<&NamedLinear> = self.project_in.iter().collect();
+        for b in &self.layers {
+            out.extend(b.linears());
+        }
+        out.extend(self.project_out.iter());
+        out.push(&self.lm_head);
+        out
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut NamedLinear> {
+        let mut out: Vec<&mut NamedLinear> = self.project_in.iter_mut().collect();
+        for b in &mut self.layers {
+            out.extend(b.linears_mut());
+        }
+        out.extend(self.project_out.iter_mut());
+        out.push(&mut self.lm_head);
+        out
+    }
+
+    /// The Linear called `name`.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut NamedLinear> {
+        self.linears_mut().into_iter().find(|l| l.name == name)
+    }
+
+    /// Every norm with its name.
+    pub fn norms(&self) -> Vec<&Norm> {
+        let mut out: Vec<&Norm> = self.embed_norm.iter().collect();
+        for b in &self.layers {
+            out.push(&b.attn_norm);
+            out.push(&b.mlp_norm);
+        }
+        out.extend(self.final_norm.iter());
+        out
+    }
+
+    pub fn norm_mut(&mut self, name: &str) -> Option<&mut Norm> {
+        if self.embed_norm.as_ref().is_some_and(|n| n.name == name) {
+            return self.embed_norm.as_mut();
+        }
+        if self.final_norm.as_ref().is_some_and(|n| n.name == name) {
+            return self.final_norm.as_mut();
+        }
+        self.layers.iter_mut().find_map(|b| {
+            if b.attn_norm.name == name {
+                Some(&mut b.attn_norm)
+            } else if b.mlp_norm.name == name {
+                Some(&mut b.mlp_norm)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> usize {
+        let linears: usize = self
+            .linears()
+            .iter()
+            .filter(|l| !(self.config.tie_word_embeddings && std::ptr::eq(**l, &self.lm_head)))
+            .map(|l| l.linear.in_features() * l.linear.out_features())
+            .sum();
+        let norms: usize = self
+            .norms()
+            .iter()
+            .map(|n| n.weight.len() + n.bias.as_ref().map_or(0, Vec::len))
+            .sum();
+        linears
+            + norms
+            + self.embed.weight.len()
+            + self.pos_embed.as_ref().map_or(0, |p| p.weight.len())
+    }
+
+    /// Bytes of weights as held in memory (embeddings, norms and every Linear's representation).
+    pub fn weight_bytes(&self) -> usize {
+        let linears: usize = self.linears().iter().map(|l| l.linear.weight_bytes()).sum();
+        let norms: usize = self
+            .norms()
+            .iter()
+            .map(|n| 4 * (n.weight.len() + n.bias.as_ref().map_or(0, Vec::len)))
+            .sum();
+        linears
+            + norms
+            + 4 * self.embed.weight.len()
+            + self.pos_embed.as_ref().map_or(0, |p| 4 * p.weight.len())
+    }
+
+    /// Run `tokens` at the session's next positions; `logits` receives `[vocab]` (Last) or
+    /// `[tokens, vocab]` (All).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        session: &mut Session,
+        which: Logits,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let _span =
+            tracing::debug_span!("forward", tokens = tokens.len(), pos = session.cache.len())
+                .entered();
+        let cfg = &self.config;
+        let t = tokens.len();
+        if t == 0 {
+            return Err(ModelError::Invalid("forward called with no tokens".into()));
+        }
+        session.cache.check_room(t)?;
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                cfg.vocab_size
+            )));
+        }
+        let pos0 = session.cache.len();
+        let h = cfg.hidden_size;
+        let b = &mut session.bufs;
+
+        // Embeddings.
+        let emb_dim = self.embed.dim;
+        let emb = grow(&mut b.emb, t * emb_dim);
+        for (row, &id) in emb.chunks_exact_mut(emb_dim).zip(tokens) {
+            row.copy_from_slice(&self.embed.weight[id as usize * emb_dim..][..emb_dim]);
+        }
+        let hidden = grow(&mut b.hidden, t * h);
+        match &self.project_in {
+            Some(p) => p.forward(emb, t, hidden)?,
+            None => hidden.copy_from_slice(emb),
+        }
+        if let (Some(pe), PositionEncoding::Learned { offset }) = (&self.pos_embed, &cfg.positions)
+        {
+            for (i, row) in hidden.chunks_exact_mut(h).enumerate() {
+                let p = &pe.weight[(pos0 + i + offset) * h..][..h];
+                for (x, y) in row.iter_mut().zip(p) {
+                    *x += y;
+                }
+            }
+        }
+        if let Some(n) = &self.embed_norm {
+            let normed = grow(&mut b.normed, t * h);
+            n.forward(hidden, normed);
+            hidden.copy_from_slice(normed);
+        }
+
+        for (li, block) in self.layers.iter().enumerate() {
+            let _span = tracing::trace_span!("layer", index = li).entered();
+            self.attention_block(li, block, t, pos0, session)?;
+            self.mlp_block(block, t, &mut session.bufs)?;
+        }
+        session.cache.advance(t);
+
+        // Final norm, projection, LM head.
+        let b = &mut session.bufs;
+        let rows = if which == Logits::All { t } else { 1 };
+        let start = (t - rows) * h;
+        let last = &b.hidden[start..t * h];
+        let normed = grow(&mut b.normed, rows * h);
+        match &self.final_norm {
+            Some(n) => n.forward(last, normed),
+            None => normed.copy_from_slice(last),
+        }
+        let head_in: &[f32] = match &self.project_out {
+            Some(p) => {
+                let out = grow(&mut b.head_in, rows * p.linear.out_features());
+                p.forward(normed, rows, out)?;
+                out
+            }
+            None => normed,
+        };
+        logits.resize(rows * cfg.vocab_size, 0.0);
+        self.lm_head.forward(head_in, rows, logits)?;
+        Ok(())
+    }
+
+    fn attention_block(
+        &self,
+        li: usize,
+        block: &Block,
+        t: usize,
+        pos0: usize,
+        session: &mut Session,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let h = cfg.hidden_size;
+        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let b = &mut session.bufs;
+        let hidden = &mut b.hidden[..t * h];
+        let normed = grow(&mut b.normed, t * h);
+        let attn_in: &[f32] = if cfg.pre_norm {
+            block.attn_norm.forward(hidden, normed);
+            normed
+        } else {
+            hidden
+        };
+        let q = grow(&mut b.q, t * qd);
+        let k = grow(&mut b.k, t * kvd);
+        let v = grow(&mut b.v, t * kvd);
+        match &block.qkv {
+            QkvProj::Separate {
+                q: qp,
+                k: kp,
+                v: vp,
+            } => {
+                qp.forward(attn_in, t, q)?;
+                kp.forward(attn_in, t, k)?;
+                vp.forward(attn_in, t, v)?;
+            }
+            QkvProj::BloomFused(p) => {
+                let fused = grow(&mut b.qkv, t * 3 * h);
+                p.forward(attn_in, t, fused)?;
+                let heads = cfg.num_heads;
+                for (r, row) in fused.chunks_exact(3 * h).enumerate() {
+                    for hh in 0..heads {
+                        let src = &row[hh * 3 * hd..];
+                        q[r * qd + hh * hd..][..hd].copy_from_slice(&src[..hd]);
+                        k[r * kvd + hh * hd..][..hd].copy_from_slice(&src[hd..2 * hd]);
+                        v[r * kvd + hh * hd..][..hd].copy_from_slice(&src[2 * hd..3 * hd]);
+                    }
+                }
+            }
+        }
+        let mut scale = 1.0 / (hd as f32).sqrt();
+        let mut alibi = None;
+        match &cfg.positions {
+            PositionEncoding::Rotary { inv_freq } => {
+                apply_rope(q, cfg.num_heads, hd, pos0, inv_freq);
+                apply_rope(k, cfg.num_kv_heads, hd, pos0, inv_freq);
+            }
+            PositionEncoding::Learned { .. } => {
+                // OPT scales the query projection (bias included) before attention.
+                for x in q.iter_mut() {
+                    *x *= scale;
+                }
+                scale = 1.0;
+            }
+            PositionEncoding::Alibi { slopes } => alibi = Some(slopes.as_slice()),
+        }
+        session.cache.store(li, k, v);
+        let (keys, values) = session.cache.layer(li);
+        let attn = grow(&mut b.attn, t * qd);
+        let shape = AttentionShape {
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+            pos0,
+            scale,
+            sliding_window: cfg.sliding_window,
+        };
+        attention(q, keys, values, &shape, alibi, attn);
+        let proj = grow(&mut b.proj, t * h);
+        block.o_proj.forward(attn, t, proj)?;
+        let hidden = &mut b.hidden[..t * h];
+        if cfg.pre_norm {
+            let residual: &[f32] = if cfg.residual_from_norm {
+                &b.normed[..t * h]
+            } else {
+                hidden
+            };
+            let sum: Vec<f32>;
+            if cfg.residual_from_norm {
+                sum = residual
+                    .iter()
+                    .zip(proj.iter())
+                    .map(|(a, b)| a + b)
+                    .collect();
+                hidden.copy_from_slice(&sum);
+            } else {
+                for (x, p) in hidden.iter_mut().zip(proj.iter()) {
+                    *x += p;
+                }
+            }
+        } else {
+            for (x, p) in hidden.iter_mut().zip(proj.iter()) {
+                *x += p;
+            }
+            let normed = grow(&mut b.normed, t * h);
+            block.attn_norm.forward(hidden, normed);
+            hidden.copy_from_slice(normed);
+        }
+        Ok(())
+    }
+
+    fn mlp_block(&self, block: &Block, t: usize, b: &mut Buffers) -> Result<()> {
+        let cfg = &self.config;
+        let h = cfg.hidden_size;
+        let hidden = &mut b.hidden[..t * h];
+        let normed = grow(&mut b.normed, t * h);
+        let mlp_in: &[f32] = if cfg.pre_norm {
+            block.mlp_norm.forward(hidden, normed);
+            normed
+        } else {
+            hidden
+        };
+        let proj = grow(&mut b.proj, t * h);
+        match &block.mlp {
+            Mlp::Gated { gate, up, down } => {
+                let inter = gate.linear.out_features();
+                let a = grow(&mut b.mlp_a, t * inter);
+                let u = grow(&mut b.mlp_b, t * inter);
+                gate.forward(mlp_in, t, a)?;
+                up.forward(mlp_in, t, u)?;
+                activate(cfg.activation, a);
+                for (x, y) in a.iter_mut().zip(u.iter()) {
+                    *x *= y;
+                }
+                down.forward(a, t, proj)?;
+            }
+            Mlp::Plain { fc1, fc2 } => {
+                let inter = fc1.linear.out_features();
+                let a = grow(&mut b.mlp_a, t * inter);
+                fc1.forward(mlp_in, t, a)?;
+                activate(cfg.activation, a);
+                fc2.forward(a, t, proj)?;
+            }
+        }
+        let hidden = &mut b.hidden[..t * h];
+        if cfg.pre_norm {
+            if cfg.residual_from_norm {
+                for ((x, n), p) in hidden.iter_mut().zip(b.normed.iter()).zip(proj.iter()) {
+                    *x = n + p;
+                }
+            } else {
+                for (x, p) in hidden.iter_mut().zip(proj.iter()) {
+                    *x += p;
+                }
+            }
+        } else {
+            for (x, p) in hidden.iter_mut().zip(proj.iter()) {
+                *x += p;
+            }
+            let normed = grow(&mut b.normed, t * h);
+            block.mlp_norm.forward(hidden, normed);
+            hidden.copy_from_slice(normed);
+        }
+        Ok(())
+    }
+}
+
+impl Architecture {
+    /// The default MLP activation of the family.
+    pub fn default_activation(self) -> Activation {
+        match self {
+            Architecture::Llama => Activation::Silu,
+            Architecture::Opt => Activation::Relu,
+            Architecture::Bloom => Activation::GeluTanh,
+        }
+    }
+}
