@@ -28,9 +28,11 @@
 //! assert_eq!(loaded.get("model.layers.0.mlp.down_proj").unwrap().channel_absmax()[2], 60.0);
 //! ```
 
+mod calibrate;
 mod stats;
 
-pub use stats::{ActStats, StatsTable};
+pub use calibrate::{calibrate, calibration_windows, CalibConfig, StatsObserver};
+pub use stats::{ActStats, StatsTable, TENSOR_ABSMAX_SUFFIX};
 
 use std::path::PathBuf;
 
@@ -57,6 +59,8 @@ pub enum CalibError {
         name: String,
         reason: String,
     },
+    #[error("calibration: {0}")]
+    Config(String),
     #[error(transparent)]
     Tensor(#[from] sq_tensor::TensorError),
     #[error(transparent)]

@@ -81,6 +81,13 @@ impl ActStats {
         Ok(())
     }
 
+    /// Divide each channel's range by `scales` (the input after smoothing by `s` is `x / s`).
+    pub fn scale_channels(&mut self, scales: &[f32]) {
+        for (m, s) in self.channel_absmax.iter_mut().zip(scales) {
+            *m /= s;
+        }
+    }
+
     /// The Linear this input feeds.
     pub fn name(&self) -> &str {
         &self.name

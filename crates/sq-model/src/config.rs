@@ -256,7 +256,7 @@ pub fn rope_inv_freq(
                 };
                 let smooth = (old_len / wavelen - low) / (high - low);
                 let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                 *f = if medium { smoothed } else { scaled };
             }
         }

@@ -62,6 +62,9 @@ pub enum ModelError {
     #[error("{path}: unrecognised model format: {reason}")]
     UnknownFormat { path: PathBuf, reason: String },
 
+    #[error("{linear}: {reason}")]
+    Observer { linear: String, reason: String },
+
     #[error("{0}")]
     Invalid(String),
 }

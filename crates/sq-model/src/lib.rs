@@ -42,7 +42,7 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generate::{generate, perplexity, GenerateOutput, Perplexity, Sampler};
-pub use linear::{FpLinear, Linear, NamedLinear};
+pub use linear::{FpLinear, Linear, LinearObserver, NamedLinear};
 pub use loader::{load, load_hf_dir, LoadedModel};
 pub use model::{Logits, Model, Session};
 pub use tokenizer::Tokenizer;

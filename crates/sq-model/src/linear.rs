@@ -131,11 +131,24 @@ impl Linear for FpLinear {
     }
 }
 
+/// Sees every input of the Linears it is attached to (calibration, activation sampling).
+pub trait LinearObserver: Send + Sync {
+    /// `x` holds `rows` rows of the input of Linear `linear`. An error stops the forward pass.
+    fn observe(&self, linear: &str, x: &[f32], rows: usize) -> std::result::Result<(), String>;
+}
+
 /// A Linear with its Hugging Face name (`model.layers.0.self_attn.q_proj`).
-#[derive(Debug)]
 pub struct NamedLinear {
     pub name: String,
     pub linear: Box<dyn Linear>,
+    /// Called with the input before every forward (see [`crate::Model::set_observer`]).
+    pub observer: Option<std::sync::Arc<dyn LinearObserver>>,
+}
+
+impl fmt::Debug for NamedLinear {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {:?}", self.name, self.linear)
+    }
 }
 
 impl NamedLinear {
@@ -143,11 +156,20 @@ impl NamedLinear {
         NamedLinear {
             name: name.into(),
             linear: Box::new(linear),
+            observer: None,
         }
     }
 
     /// Forward with the shape check naming this Linear on error.
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        if let Some(observer) = &self.observer {
+            observer
+                .observe(&self.name, x, m)
+                .map_err(|reason| ModelError::Observer {
+                    linear: self.name.clone(),
+                    reason,
+                })?;
+        }
         self.linear.forward(x, m, y).map_err(|e| match e {
             ModelError::Invalid(msg) => ModelError::Invalid(format!("{}: {msg}", self.name)),
             other => other,

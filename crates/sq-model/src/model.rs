@@ -171,6 +171,18 @@ impl Model {
         out
     }
 
+    /// Attach `observer` to every Linear except the LM head (or detach with `None`).
+    pub fn set_observer(
+        &mut self,
+        observer: Option<std::sync::Arc<dyn crate::linear::LinearObserver>>,
+    ) {
+        for l in self.linears_mut() {
+            if l.name != "lm_head" {
+                l.observer = observer.clone();
+            }
+        }
+    }
+
     /// The Linear called `name`.
     pub fn linear_mut(&mut self, name: &str) -> Option<&mut NamedLinear> {
         self.linears_mut().into_iter().find(|l| l.name == name)

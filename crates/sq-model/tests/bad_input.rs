@@ -125,7 +125,8 @@ fn unsupported_architecture() {
 
 #[test]
 fn nonsense_configs() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "llama-gqa",
             Box::new(|c| c["num_attention_heads"] = 0.into()),

@@ -30,6 +30,14 @@
 
 use std::fmt;
 
+mod fold;
+mod groups;
+
+pub use fold::{smooth_model, AlphaSpec, GroupResult};
+pub use groups::{
+    paper_groups, paper_specs, GroupSpec, SmoothGroup, BLOOM_PAPER, LLAMA_PAPER, OPT_PAPER,
+};
+
 /// Smallest smoothing scale and smallest weight range, as in the official code.
 pub const MIN_SCALE: f32 = 1e-5;
 
@@ -46,6 +54,10 @@ pub enum SmoothError {
         channel: usize,
         value: f32,
     },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Config(String),
     #[error(transparent)]
     Model(#[from] sq_model::ModelError),
     #[error(transparent)]

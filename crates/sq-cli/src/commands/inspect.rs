@@ -76,7 +76,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
         m.weight_bytes() as f64 / 1e6
     );
     println!();
-    println!("{:<48} {:>7} {:>7}  {}", "linear", "in", "out", "kind");
+    println!("{:<48} {:>7} {:>7}  kind", "linear", "in", "out");
     for l in m.linears() {
         println!(
             "{:<48} {:>7} {:>7}  {}",

@@ -1,6 +1,7 @@
 //! Subcommand implementations.
 
 mod bench;
+mod calibrate;
 mod common;
 mod demo;
 mod eval;
@@ -17,9 +18,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
-        Command::Calibrate(_) => bail!(
-            "`calibrate` arrives with the SmoothQuant pipeline (sq-calib); this build runs FP32 models only"
-        ),
+        Command::Calibrate(a) => calibrate::run(a),
         Command::Quantize(_) => bail!(
             "`quantize` arrives with the SmoothQuant pipeline (sq-smooth); this build runs FP32 models only"
         ),

@@ -1,0 +1,60 @@
+use super::common::{bar, load_model, model_label, print_json, read_text, show_progress};
+use crate::args::CalibrateArgs;
+use anyhow::{Context, Result};
+use sq_calib::{calibrate, CalibConfig};
+use std::time::Instant;
+
+pub fn run(a: CalibrateArgs) -> Result<()> {
+    let show = show_progress(a.json);
+    let text = read_text(&a.calib_data, "calibration data (--calib-data)")?;
+    let mut loaded = load_model(&a.model, show)?;
+    let tokens = loaded.tokenizer.encode(&text)?;
+    let cfg = CalibConfig {
+        samples: a.calib_samples,
+        seq_len: a.calib_seq_len,
+        seed: a.seed,
+    };
+    let windows = sq_calib::calibration_windows(tokens.len(), &cfg)?;
+    let total_tokens: usize = windows.iter().map(|w| w.len()).sum();
+    let pb = bar(windows.len() as u64, "calibrating", show);
+    let start = Instant::now();
+    let stats = calibrate(&mut loaded.model, &tokens, &cfg, |done, _| {
+        pb.set_position(done as u64)
+    })
+    .with_context(|| format!("calibration of {} failed", model_label(&loaded)))?;
+    pb.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    stats
+        .save(&a.out)
+        .with_context(|| format!("cannot write the statistics to {}", a.out.display()))?;
+    let worst = stats
+        .iter()
+        .max_by(|x, y| x.max_median_ratio().total_cmp(&y.max_median_ratio()))
+        .map(|s| (s.name().to_string(), s.max_median_ratio()));
+    if a.json {
+        return print_json(&serde_json::json!({
+            "model": model_label(&loaded),
+            "data": a.calib_data.display().to_string(),
+            "out": a.out.display().to_string(),
+            "windows": windows.len(),
+            "tokens": total_tokens,
+            "seq_len": a.calib_seq_len,
+            "seed": a.seed,
+            "linears": stats.len(),
+            "tokens_per_s": total_tokens as f64 / seconds.max(1e-9),
+            "max_act_max_median_ratio": worst.as_ref().map(|w| serde_json::json!({"linear": w.0, "ratio": w.1})),
+        }));
+    }
+    println!(
+        "calibrated {} Linear inputs on {} windows ({} tokens, {:.0} tok/s) -> {}",
+        stats.len(),
+        windows.len(),
+        total_tokens,
+        total_tokens as f64 / seconds.max(1e-9),
+        a.out.display()
+    );
+    if let Some((name, ratio)) = worst {
+        println!("largest outlier ratio (max/median channel range): {ratio:.1} at {name}");
+    }
+    Ok(())
+}
