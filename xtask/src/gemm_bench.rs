@@ -1,9 +1,20 @@
-//! `cargo xtask bench gemm`: filled in with the sq-kernels work (issue 5).
+//! `cargo xtask bench gemm [--threads N] [--json]`: measures the machine's `vpdpbusd` and FMA
+//! peaks and read bandwidth, then times the INT8 and f32 GEMMs (see `sq_kernels::bench`).
 
-pub fn run(_threads: Option<usize>, _json: bool) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "`cargo xtask bench gemm` will measure the machine's vpdpbusd and FMA peaks, then time the \
-         INT8 and f32 GEMMs on 1x2048x2048, 16x2048x2048, 512x2048x2048, 512x1536x576 and \
-         2048x2048x2048; the kernels it measures are not in the workspace yet"
-    )
+use anyhow::Context;
+
+pub fn run(threads: Option<usize>, json: bool) -> anyhow::Result<()> {
+    let threads = match threads {
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(t) => t,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let report =
+        sq_kernels::bench::run_gemm_suite(threads).context("running the GEMM benchmark")?;
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(())
 }

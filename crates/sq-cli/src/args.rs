@@ -151,8 +151,9 @@ pub struct QuantArgs {
     )]
     pub alpha: String,
 
-    /// Which Linear inputs to smooth
-    #[arg(long, value_enum, default_value_t = SmoothTargets::All)]
+    /// Which Linear inputs to smooth (`all` arrives with the smooth-every-input work; `paper`
+    /// is the default until then)
+    #[arg(long, value_enum, default_value_t = SmoothTargets::Paper)]
     pub smooth_targets: SmoothTargets,
 
     #[command(flatten)]

@@ -133,7 +133,7 @@ impl ModelConfig {
                 return bad(format!("{name} = {v} is implausibly large"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
@@ -147,7 +147,9 @@ impl ModelConfig {
                 self.hidden_size, self.num_heads
             ));
         }
-        if matches!(self.positions, PositionEncoding::Rotary { .. }) && self.head_dim % 2 != 0 {
+        if matches!(self.positions, PositionEncoding::Rotary { .. })
+            && !self.head_dim.is_multiple_of(2)
+        {
             return bad(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim

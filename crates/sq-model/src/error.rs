@@ -14,6 +14,9 @@ pub enum ModelError {
     #[error(transparent)]
     Tensor(#[from] sq_tensor::TensorError),
 
+    #[error(transparent)]
+    Kernel(#[from] sq_kernels::KernelError),
+
     #[error("{path}: invalid config: {reason}")]
     Config { path: PathBuf, reason: String },
 

@@ -901,7 +901,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8]) -> Result<Vec<f32>> {
             )))
         }
     };
-    if data.len() % bytes != 0 {
+    if !data.len().is_multiple_of(bytes) {
         return Err(ModelError::Invalid(format!(
             "dequantize: {} bytes of {ty} is not a whole number of {bytes}-byte blocks",
             data.len()

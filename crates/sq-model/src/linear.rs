@@ -33,12 +33,14 @@ pub fn check_forward_shapes(linear: &dyn Linear, x: &[f32], m: usize, y: &[f32])
     Ok(())
 }
 
-/// A full-precision Linear: weights `[out, in]` row-major as in PyTorch, optional bias.
+/// A full-precision Linear on the sq-kernels f32 GEMM. The weights (`[out, in]` row-major as in
+/// PyTorch) are held only in the GEMM's packed panel layout, packed once at load; [`FpLinear::weight`]
+/// unpacks a copy for smoothing and quantization.
 #[derive(Clone)]
 pub struct FpLinear {
     in_features: usize,
     out_features: usize,
-    weight: Vec<f32>,
+    packed: sq_kernels::PackedF32,
     bias: Option<Vec<f32>>,
 }
 
@@ -76,21 +78,24 @@ impl FpLinear {
         Ok(FpLinear {
             in_features,
             out_features,
-            weight,
+            packed: sq_kernels::pack_f32(&weight, out_features, in_features)?,
             bias,
         })
     }
 
-    /// Weights `[out, in]`, row-major.
-    pub fn weight(&self) -> &[f32] {
-        &self.weight
+    /// A copy of the weights `[out, in]`, row-major.
+    pub fn weight(&self) -> Vec<f32> {
+        self.packed.unpack()
     }
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
-    /// Mutable weights (smoothing scales input channels in place).
-    pub fn weight_mut(&mut self) -> &mut [f32] {
-        &mut self.weight
+    /// Change the weights in place (smoothing scales input channels), then repack.
+    pub fn update_weight(&mut self, f: impl FnOnce(&mut [f32])) -> Result<()> {
+        let mut w = self.packed.unpack();
+        f(&mut w);
+        self.packed = sq_kernels::pack_f32(&w, self.out_features, self.in_features)?;
+        Ok(())
     }
     pub fn bias_mut(&mut self) -> Option<&mut [f32]> {
         self.bias.as_deref_mut()
@@ -106,19 +111,11 @@ impl Linear for FpLinear {
     }
     fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         check_forward_shapes(self, x, m, y)?;
-        crate::gemm::matmul_xwt(
-            x,
-            m,
-            self.in_features,
-            &self.weight,
-            self.out_features,
-            self.bias.as_deref(),
-            y,
-        );
+        sq_kernels::f32_gemm(x, m, &self.packed, self.bias.as_deref(), y)?;
         Ok(())
     }
     fn weight_bytes(&self) -> usize {
-        4 * (self.weight.len() + self.bias.as_ref().map_or(0, Vec::len))
+        4 * (self.in_features * self.out_features + self.bias.as_ref().map_or(0, Vec::len))
     }
     fn kind(&self) -> String {
         "f32".into()

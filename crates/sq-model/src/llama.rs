@@ -70,7 +70,7 @@ pub fn config(value: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
     }
     let head_dim = match c.head_dim {
         Some(d) => d,
-        None if c.hidden_size % heads == 0 => c.hidden_size / heads,
+        None if c.hidden_size.is_multiple_of(heads) => c.hidden_size / heads,
         None => {
             return Err(ModelError::Config {
                 path: path.to_path_buf(),

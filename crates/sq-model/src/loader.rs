@@ -22,6 +22,8 @@ pub struct LoadedModel {
     pub add_bos: bool,
     /// The config.json (or its equivalent for GGUF / llama2.c), for export.
     pub hf_config: serde_json::Value,
+    /// Set when the model is one of our quantized checkpoints (it runs INT8 as written).
+    pub quantization: Option<crate::native::NativeQuantConfig>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -105,6 +107,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         format: "hf",
         add_bos,
         hf_config: config,
+        quantization: None,
     })
 }
 
@@ -132,6 +135,7 @@ pub fn from_raw(raw: RawModel, add_bos: bool) -> Result<LoadedModel> {
         format: raw.format,
         add_bos,
         hf_config: raw.config,
+        quantization: None,
     })
 }
 
@@ -151,6 +155,12 @@ pub fn load(path: Option<&Path>, tokenizer: Option<&Path>) -> Result<LoadedModel
         ));
     }
     if path.is_dir() {
+        if crate::native::is_native_dir(path) {
+            let backend = sq_kernels::select_backend()?;
+            let (mut loaded, qc) = crate::native::load_native(path, backend)?;
+            loaded.quantization = Some(qc);
+            return Ok(loaded);
+        }
         if path.join("config.json").is_file() {
             return load_hf_dir(path);
         }

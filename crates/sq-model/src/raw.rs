@@ -110,19 +110,22 @@ impl LlamaHyperParams {
                 return Err(err(format!("{name} must be positive")));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             )));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(err(format!(
                 "head_dim {} is odd; RoPE needs an even head width",
                 self.head_dim()
@@ -207,7 +210,7 @@ pub fn hf_layer_tensor_names(layer: usize) -> [String; 9] {
 fn rope_rows(len: usize, n_heads: usize, head_dim: usize, cols: usize) -> Result<usize> {
     let rows = n_heads.checked_mul(head_dim);
     match rows.and_then(|r| r.checked_mul(cols)) {
-        Some(n) if n == len && head_dim % 2 == 0 => Ok(n),
+        Some(n) if n == len && head_dim.is_multiple_of(2) => Ok(n),
         _ => Err(ModelError::Invalid(format!(
             "RoPE row permutation: {len} values do not form {n_heads} heads of even width {head_dim} by {cols} columns"
         ))),

@@ -100,7 +100,7 @@ pub fn smooth_model(
                     ),
                 });
             }
-            weights.push(fp.weight().to_vec());
+            weights.push(fp.weight());
         }
         let refs: Vec<&[f32]> = weights.iter().map(Vec::as_slice).collect();
         let w_absmax = weight_absmax_per_input_channel(&refs, in_features)?;
@@ -132,11 +132,13 @@ pub fn smooth_model(
                 .linear_mut(name)
                 .and_then(|l| l.as_fp_mut())
                 .expect("checked above");
-            for row in fp.weight_mut().chunks_exact_mut(in_features) {
-                for (w, s) in row.iter_mut().zip(&scales) {
-                    *w *= s;
+            fp.update_weight(|w| {
+                for row in w.chunks_exact_mut(in_features) {
+                    for (w, s) in row.iter_mut().zip(&scales) {
+                        *w *= s;
+                    }
                 }
-            }
+            })?;
             if let Some(st) = stats.get_mut(name) {
                 st.scale_channels(&scales);
             }

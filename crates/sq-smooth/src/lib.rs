@@ -30,13 +30,17 @@
 
 use std::fmt;
 
+mod export;
 mod fold;
 mod groups;
+mod quantize;
 
+pub use export::{save_native, ExportInfo};
 pub use fold::{smooth_model, AlphaSpec, GroupResult};
 pub use groups::{
     paper_groups, paper_specs, GroupSpec, SmoothGroup, BLOOM_PAPER, LLAMA_PAPER, OPT_PAPER,
 };
+pub use quantize::{fake_quantize_model, quantize_model, ActPolicy, Recipe};
 
 /// Smallest smoothing scale and smallest weight range, as in the official code.
 pub const MIN_SCALE: f32 = 1e-5;
@@ -64,6 +68,8 @@ pub enum SmoothError {
     Calib(#[from] sq_calib::CalibError),
     #[error(transparent)]
     Tensor(#[from] sq_tensor::TensorError),
+    #[error(transparent)]
+    Kernel(#[from] sq_kernels::KernelError),
 }
 
 /// Result with [`SmoothError`].

@@ -494,8 +494,27 @@ pub fn write_safetensors<S: TensorSource>(
         name: "<header>".into(),
         reason,
     };
-    let meta = Metadata::new(user, infos).map_err(|e| header_error(e.to_string()))?;
-    let mut header = serde_json::to_vec(&meta).map_err(|e| header_error(e.to_string()))?;
+    // The reference crate validates the layout; the header itself is written from a sorted map,
+    // because its `__metadata__` is a HashMap and the same inputs must give the same bytes.
+    Metadata::new(user, infos.clone()).map_err(|e| header_error(e.to_string()))?;
+    let mut map = serde_json::Map::new();
+    if let Some(m) = metadata {
+        map.insert(
+            "__metadata__".into(),
+            serde_json::to_value(m).map_err(|e| header_error(e.to_string()))?,
+        );
+    }
+    for (name, info) in &infos {
+        map.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": info.dtype,
+                "shape": info.shape,
+                "data_offsets": [info.data_offsets.0, info.data_offsets.1],
+            }),
+        );
+    }
+    let mut header = serde_json::to_vec(&map).map_err(|e| header_error(e.to_string()))?;
     header.resize(header.len().next_multiple_of(8), b' ');
     let io = |e| TensorError::io(path_for_errors, "writing", e);
     out.write_all(&(header.len() as u64).to_le_bytes())

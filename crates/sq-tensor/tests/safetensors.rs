@@ -438,3 +438,24 @@ fn write_atomic_and_atomic_dir() {
     assert_eq!(dir_entries(&out), ["b"]);
     assert_eq!(dir_entries(dir.path()), ["quantized", "report.json"]);
 }
+
+#[test]
+fn same_inputs_give_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta: BTreeMap<String, String> = (0..8)
+        .map(|i| (format!("key{i}"), format!("value{i}")))
+        .collect();
+    let tensors: Vec<(String, Tensor)> = (0..6)
+        .map(|i| (format!("t{i}"), sample(DType::ALL[i], &[2, i + 1], i)))
+        .collect();
+    let mut outputs = Vec::new();
+    for run in 0..3 {
+        let path = dir.path().join(format!("{run}.safetensors"));
+        save_safetensors(&path, &tensors, Some(&meta)).unwrap();
+        outputs.push(std::fs::read(path).unwrap());
+    }
+    assert!(
+        outputs.windows(2).all(|w| w[0] == w[1]),
+        "safetensors output is not deterministic"
+    );
+}

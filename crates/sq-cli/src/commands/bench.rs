@@ -1,7 +1,8 @@
 use super::common::{
-    load_model, model_label, parse_schemes, peak_rss_bytes, print_json, require_runnable,
-    show_progress, Scheme,
+    model_label, peak_rss_bytes, print_json, require_runnable, show_progress, stats_if_needed,
+    Scheme,
 };
+use super::pipeline::build;
 use crate::args::BenchArgs;
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
@@ -56,16 +57,20 @@ pub fn measure(
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let schemes = parse_schemes(&a.quant, &[Scheme::Fp32])?;
-    require_runnable(&schemes, &a.quant)?;
+    let schemes = super::common::schemes_for(&a.model, &a.quant, &[Scheme::Fp32])?;
+    require_runnable(&schemes, &a.model, &a.quant)?;
     if a.prompt_len.is_empty() || a.prompt_len.contains(&0) {
         bail!("--prompt-len needs positive lengths, e.g. 128,512,2048");
     }
-    let loaded = load_model(&a.model, show_progress(a.json))?;
-    let model = &loaded.model;
-    let context = model.config.max_position_embeddings;
+    let show = show_progress(a.json);
+    let stats = stats_if_needed(&schemes, &a.model, &a.quant, show)?;
     let mut rows = Vec::new();
+    let mut label = String::new();
     for scheme in &schemes {
+        let loaded = build(*scheme, &a.model, &a.quant, stats.as_ref(), show)?.loaded;
+        label = model_label(&loaded);
+        let model = &loaded.model;
+        let context = model.config.max_position_embeddings;
         for &len in &a.prompt_len {
             if len + a.gen_tokens > context {
                 eprintln!(
@@ -75,20 +80,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 continue;
             }
             let (prefill, decode) = measure(model, len, a.gen_tokens, a.quant.calib.seed)?;
-            rows.push(serde_json::json!({
-                "scheme": scheme.name(),
-                "weights": null,
-                "acts": null,
-                "prompt_len": len,
-                "prefill_tokens_per_s": prefill,
-                "decode_tokens_per_s": decode,
-                "peak_rss_bytes": peak_rss_bytes(),
-                "model_bytes": model.weight_bytes(),
-            }));
+            let mut row = super::pipeline::scheme_fields_for(
+                *scheme,
+                &a.quant,
+                loaded.quantization.as_ref(),
+            )?;
+            row.remove("smooth_targets");
+            row.insert("prompt_len".into(), len.into());
+            row.insert("prefill_tokens_per_s".into(), prefill.into());
+            row.insert("decode_tokens_per_s".into(), decode.into());
+            row.insert("peak_rss_bytes".into(), peak_rss_bytes().into());
+            row.insert("model_bytes".into(), model.weight_bytes().into());
+            rows.push(serde_json::Value::Object(row));
         }
     }
     let report = serde_json::json!({
-        "model": model_label(&loaded),
+        "model": label,
         "threads": rayon::current_num_threads(),
         "gen_tokens": a.gen_tokens,
         "results": rows,

@@ -25,6 +25,49 @@ impl Scheme {
     }
 }
 
+/// The scheme of a checkpoint written by `quantize`, when `--model` is one.
+pub fn quantized_scheme(model: &ModelArgs) -> Result<Option<Scheme>> {
+    let Some(dir) = model
+        .model
+        .as_deref()
+        .filter(|p| sq_model::native::is_native_dir(p))
+    else {
+        return Ok(None);
+    };
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    match config["quantization_config"]["scheme"].as_str() {
+        Some("naive") => Ok(Some(Scheme::Naive)),
+        Some("smoothquant") => Ok(Some(Scheme::SmoothQuant)),
+        other => bail!(
+            "{}: unknown quantization scheme {other:?} in config.json",
+            dir.display()
+        ),
+    }
+}
+
+/// Parse `--scheme`, defaulting to `default`, or to the checkpoint's own scheme when `--model`
+/// is a quantized checkpoint (which runs only as it was quantized).
+pub fn schemes_for(
+    model: &ModelArgs,
+    quant: &QuantArgs,
+    default: &[Scheme],
+) -> Result<Vec<Scheme>> {
+    let Some(own) = quantized_scheme(model)? else {
+        return parse_schemes(quant, default);
+    };
+    let asked = parse_schemes(quant, &[own])?;
+    if asked != [own] {
+        bail!(
+            "{} is a {} W8A8 checkpoint and runs only as it was quantized; drop --scheme or pass --scheme {}",
+            model.model.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            own.name(),
+            own.name()
+        );
+    }
+    Ok(asked)
+}
+
 /// Parse `--scheme`, defaulting to `default`.
 pub fn parse_schemes(quant: &QuantArgs, default: &[Scheme]) -> Result<Vec<Scheme>> {
     let Some(list) = &quant.scheme else {
@@ -50,29 +93,41 @@ pub fn parse_schemes(quant: &QuantArgs, default: &[Scheme]) -> Result<Vec<Scheme
     Ok(out)
 }
 
-/// Check that the quantized schemes can run in this build, with the contract's message when
-/// calibration input is missing.
-pub fn require_runnable(schemes: &[Scheme], quant: &QuantArgs) -> Result<()> {
+/// The contract's rule: a quantized scheme on an FP model needs calibration input.
+pub fn require_runnable(schemes: &[Scheme], model: &ModelArgs, quant: &QuantArgs) -> Result<()> {
+    if quantized_scheme(model)?.is_some() {
+        return Ok(());
+    }
     let quantized: Vec<&str> = schemes
         .iter()
         .filter(|s| **s != Scheme::Fp32)
         .map(|s| s.name())
         .collect();
-    if quantized.is_empty() {
-        return Ok(());
-    }
-    if quant.calib.calib_data.is_none() && quant.act_scales.is_none() {
+    if !quantized.is_empty() && quant.calib.calib_data.is_none() && quant.act_scales.is_none() {
         bail!(
             "scheme {} quantizes activations and needs calibration: pass --calib-data FILE (text) or \
              --act-scales FILE (from `smoothquant calibrate`), or --scheme fp32 to run the FP model only",
             quantized.join(", ")
         );
     }
-    bail!(
-        "scheme {} needs the SmoothQuant pipeline (sq-smooth), which is not in this build yet; \
-         use --scheme fp32",
-        quantized.join(", ")
-    )
+    // Validate --alpha early so a typo fails before minutes of calibration.
+    if schemes.contains(&Scheme::SmoothQuant) {
+        super::pipeline::alpha(quant)?;
+    }
+    Ok(())
+}
+
+/// Calibration statistics if any scheme needs them.
+pub fn stats_if_needed(
+    schemes: &[Scheme],
+    model: &ModelArgs,
+    quant: &QuantArgs,
+    show: bool,
+) -> Result<Option<sq_calib::StatsTable>> {
+    if schemes.iter().all(|s| *s == Scheme::Fp32) || quantized_scheme(model)?.is_some() {
+        return Ok(None);
+    }
+    Ok(Some(super::pipeline::statistics(model, quant, show)?))
 }
 
 /// Whether progress bars may draw: stderr is a terminal and no JSON was asked for.

@@ -1,24 +1,30 @@
 use super::common::{
-    bar, load_model, model_label, parse_schemes, print_json, read_text, require_runnable,
-    show_progress, Scheme,
+    bar, model_label, print_json, read_text, require_runnable, show_progress, stats_if_needed,
+    Scheme,
 };
+use super::pipeline::build;
 use crate::args::EvalArgs;
 use anyhow::Result;
 use sq_model::perplexity;
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let schemes = parse_schemes(
+    let schemes = super::common::schemes_for(
+        &a.model,
         &a.quant,
         &[Scheme::Fp32, Scheme::Naive, Scheme::SmoothQuant],
     )?;
-    require_runnable(&schemes, &a.quant)?;
+    require_runnable(&schemes, &a.model, &a.quant)?;
     let show = show_progress(a.json);
     let text = read_text(&a.data, "evaluation data (--data)")?;
-    let loaded = load_model(&a.model, show)?;
-    let tokens = loaded.tokenizer.encode(&text)?;
+    let stats = stats_if_needed(&schemes, &a.model, &a.quant, show)?;
     let mut results = Vec::new();
     let mut summary = None;
+    let mut label = String::new();
     for scheme in &schemes {
+        let built = build(*scheme, &a.model, &a.quant, stats.as_ref(), show)?;
+        let loaded = &built.loaded;
+        label = model_label(loaded);
+        let tokens = loaded.tokenizer.encode(&text)?;
         let windows = (tokens.len() / a.seq_len.max(1)).min(a.max_windows.unwrap_or(usize::MAX));
         let pb = bar(windows as u64, &format!("eval {}", scheme.name()), show);
         let p = perplexity(
@@ -29,19 +35,19 @@ pub fn run(a: EvalArgs) -> Result<()> {
             |done, _| pb.set_position(done as u64),
         )?;
         pb.finish_and_clear();
-        results.push(serde_json::json!({
-            "scheme": scheme.name(),
-            "weights": null,
-            "acts": null,
-            "alpha": null,
-            "smooth_targets": null,
-            "perplexity": p.perplexity,
-        }));
+        let mut row =
+            super::pipeline::scheme_fields_for(*scheme, &a.quant, loaded.quantization.as_ref())?;
+        row.insert("perplexity".into(), p.perplexity.into());
+        row.insert("model_bytes".into(), loaded.model.weight_bytes().into());
+        if *scheme == Scheme::SmoothQuant {
+            row.insert("smoothed_groups".into(), built.smoothing.len().into());
+        }
+        results.push(serde_json::Value::Object(row));
         summary = Some(p);
     }
     let p = summary.expect("at least one scheme");
     let report = serde_json::json!({
-        "model": model_label(&loaded),
+        "model": label,
         "data": a.data.display().to_string(),
         "seq_len": a.seq_len,
         "windows": p.windows,
@@ -52,7 +58,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.json {
         return print_json(&report);
     }
-    println!("model   {}", report["model"].as_str().unwrap_or(""));
+    println!("model   {label}");
     println!(
         "data    {}  ({} windows of {} tokens, {} predicted)",
         a.data.display(),
@@ -67,14 +73,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
     );
     for r in &results {
         let cell = |k: &str| r[k].as_str().map_or("-".to_string(), str::to_string);
+        let alpha = match &r["alpha"] {
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Null => "-".into(),
+            _ => "table".into(),
+        };
         println!(
             "{:<12} {:<8} {:<7} {:<6} {:>12.4}",
             cell("scheme"),
             cell("weights"),
             cell("acts"),
-            r["alpha"]
-                .as_f64()
-                .map_or("-".to_string(), |v| format!("{v}")),
+            alpha,
             r["perplexity"].as_f64().unwrap_or(f64::NAN)
         );
     }

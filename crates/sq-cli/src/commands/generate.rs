@@ -1,27 +1,28 @@
-use super::common::{
-    load_model, parse_schemes, print_json, require_runnable, show_progress, Scheme,
-};
+use super::common::{print_json, require_runnable, show_progress, stats_if_needed, Scheme};
+use super::pipeline::build;
 use crate::args::GenerateArgs;
 use anyhow::{bail, Context, Result};
 use sq_model::{generate, Sampler};
 use std::io::Write;
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let schemes = parse_schemes(&a.quant, &[Scheme::Fp32])?;
+    let schemes = super::common::schemes_for(&a.model, &a.quant, &[Scheme::Fp32])?;
     if schemes.len() != 1 {
         bail!(
             "generate runs one scheme at a time; --scheme lists {}",
             schemes.len()
         );
     }
-    require_runnable(&schemes, &a.quant)?;
+    require_runnable(&schemes, &a.model, &a.quant)?;
     if a.prompt.is_empty() {
         bail!("--prompt is empty: give the text to continue");
     }
     let sampler = Sampler::new(a.temperature, a.top_p, a.quant.calib.seed)
         .context("invalid sampling options")?;
     let mut sampler = sampler;
-    let loaded = load_model(&a.model, show_progress(a.json))?;
+    let show = show_progress(a.json);
+    let stats = stats_if_needed(&schemes, &a.model, &a.quant, show)?;
+    let loaded = build(schemes[0], &a.model, &a.quant, stats.as_ref(), show)?.loaded;
     let mut prompt = Vec::new();
     if loaded.add_bos {
         if let Some(bos) = loaded.tokenizer.bos_id() {

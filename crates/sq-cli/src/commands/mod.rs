@@ -7,9 +7,11 @@ mod demo;
 mod eval;
 mod generate;
 mod inspect;
+mod pipeline;
+mod quantize;
 
 use crate::args::Command;
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 pub fn run(command: Command) -> Result<()> {
     match command {
@@ -19,8 +21,6 @@ pub fn run(command: Command) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Calibrate(a) => calibrate::run(a),
-        Command::Quantize(_) => bail!(
-            "`quantize` arrives with the SmoothQuant pipeline (sq-smooth); this build runs FP32 models only"
-        ),
+        Command::Quantize(a) => quantize::run(a),
     }
 }

@@ -1,0 +1,189 @@
+//! From an FP model and the quantization options to a model running a scheme.
+
+use super::common::{bar, load_model, read_text, Scheme};
+use crate::args::{ActGranularity, ModelArgs, Preset, QuantArgs, SmoothTargets, WeightGranularity};
+use anyhow::{bail, Context, Result};
+use sq_calib::{calibrate, CalibConfig, StatsTable};
+use sq_model::LoadedModel;
+use sq_smooth::{
+    paper_groups, quantize_model, smooth_model, ActPolicy, AlphaSpec, GroupResult, Recipe,
+};
+
+/// The W8A8 recipe chosen by `--preset` or `--weights`/`--acts`.
+pub fn recipe(q: &QuantArgs) -> Recipe {
+    match q.preset {
+        Some(Preset::O1) => Recipe::O1,
+        Some(Preset::O2) => Recipe::O2,
+        Some(Preset::O3) => Recipe::O3,
+        None => Recipe {
+            weights: match q.weights {
+                WeightGranularity::Channel => sq_model::WeightGranularity::Channel,
+                WeightGranularity::Tensor => sq_model::WeightGranularity::Tensor,
+            },
+            acts: match q.acts {
+                ActGranularity::Token => ActPolicy::Token,
+                ActGranularity::Tensor => ActPolicy::Tensor,
+                ActGranularity::Static => ActPolicy::Static,
+            },
+        },
+    }
+}
+
+/// `--alpha`: a number in [0, 1], or a JSON file of per-group values.
+pub fn alpha(q: &QuantArgs) -> Result<AlphaSpec> {
+    let text = q.alpha.trim();
+    if text == "auto" {
+        bail!("--alpha auto (the per-group search) is not in this build yet; give a number in [0, 1] or a JSON file");
+    }
+    if let Ok(v) = text.parse::<f32>() {
+        if !(0.0..=1.0).contains(&v) {
+            bail!("--alpha {v} is outside [0, 1]: the migration strength is a number between 0 (no smoothing of activations) and 1 (all difficulty moved to the weights)");
+        }
+        return Ok(AlphaSpec::Global(v));
+    }
+    let path = std::path::Path::new(text);
+    if !path.is_file() {
+        bail!("--alpha `{text}` is neither a number in [0, 1], `auto`, nor an existing JSON file");
+    }
+    let json = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the alpha table {}", path.display()))?;
+    AlphaSpec::from_json(&json, 0.5)
+        .with_context(|| format!("invalid alpha table {}", path.display()))
+}
+
+/// The JSON value of `--alpha` for reports.
+pub fn alpha_json(spec: &AlphaSpec) -> serde_json::Value {
+    match spec {
+        AlphaSpec::Global(a) => f32_json(*a),
+        AlphaSpec::PerGroup { groups, default } => {
+            let groups: serde_json::Map<String, serde_json::Value> = groups
+                .iter()
+                .map(|(k, v)| (k.clone(), f32_json(*v)))
+                .collect();
+            serde_json::json!({"default": f32_json(*default), "groups": groups})
+        }
+    }
+}
+
+/// An f32 as the JSON number users typed (0.6, not 0.6000000238418579).
+pub fn f32_json(x: f32) -> serde_json::Value {
+    format!("{x}")
+        .parse::<f64>()
+        .map_or(serde_json::Value::Null, serde_json::Value::from)
+}
+
+/// Statistics for the quantized schemes: `--act-scales`, or a calibration run on `--calib-data`.
+pub fn statistics(model: &ModelArgs, q: &QuantArgs, show: bool) -> Result<StatsTable> {
+    if let Some(path) = &q.act_scales {
+        return StatsTable::load(path)
+            .with_context(|| format!("cannot read the activation statistics {}", path.display()));
+    }
+    let Some(data) = &q.calib.calib_data else {
+        bail!("quantized schemes need --calib-data FILE or --act-scales FILE");
+    };
+    let text = read_text(data, "calibration data (--calib-data)")?;
+    let mut loaded = load_model(model, show)?;
+    let tokens = loaded.tokenizer.encode(&text)?;
+    let cfg = CalibConfig {
+        samples: q.calib.calib_samples,
+        seq_len: q
+            .calib
+            .calib_seq_len
+            .min(loaded.model.config.max_position_embeddings),
+        seed: q.calib.seed,
+    };
+    let windows = sq_calib::calibration_windows(tokens.len(), &cfg)?;
+    let pb = bar(windows.len() as u64, "calibrating", show);
+    let stats = calibrate(&mut loaded.model, &tokens, &cfg, |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    pb.finish_and_clear();
+    Ok(stats)
+}
+
+/// What was done to build a scheme's model, for reports.
+pub struct Built {
+    pub loaded: LoadedModel,
+    pub smoothing: Vec<GroupResult>,
+}
+
+/// Load the model and turn it into `scheme`.
+pub fn build(
+    scheme: Scheme,
+    model: &ModelArgs,
+    q: &QuantArgs,
+    stats: Option<&StatsTable>,
+    show: bool,
+) -> Result<Built> {
+    let mut loaded = load_model(model, show)?;
+    let mut smoothing = Vec::new();
+    if loaded.quantization.is_some() {
+        // A checkpoint written by `quantize` already runs INT8 (schemes_for checked the scheme).
+        return Ok(Built { loaded, smoothing });
+    }
+    if scheme == Scheme::Fp32 {
+        return Ok(Built { loaded, smoothing });
+    }
+    let stats = stats.context("quantized schemes need calibration statistics")?;
+    let mut stats = stats.clone();
+    let recipe = recipe(q);
+    if scheme == Scheme::SmoothQuant {
+        if q.smooth_targets == SmoothTargets::All {
+            bail!("--smooth-targets all (smoothing every Linear input) is not in this build yet; use --smooth-targets paper");
+        }
+        let groups = paper_groups(&loaded.model)?;
+        smoothing = smooth_model(&mut loaded.model, &groups, &mut stats, &alpha(q)?)?;
+    }
+    let backend = sq_kernels::select_backend()?;
+    let _span =
+        tracing::info_span!("quantize", scheme = scheme.name(), backend = backend.name()).entered();
+    quantize_model(&mut loaded.model, &recipe, Some(&stats), backend)?;
+    Ok(Built { loaded, smoothing })
+}
+
+/// The per-scheme fields of the contract's report rows.
+/// The per-scheme fields of the contract's report rows (from the checkpoint when `--model` is
+/// a quantized one).
+pub fn scheme_fields_for(
+    scheme: Scheme,
+    q: &QuantArgs,
+    checkpoint: Option<&sq_model::native::NativeQuantConfig>,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    if let Some(qc) = checkpoint {
+        let mut m = serde_json::Map::new();
+        m.insert("scheme".into(), qc.scheme.clone().into());
+        m.insert("weights".into(), serde_json::to_value(qc.weights)?);
+        m.insert("acts".into(), qc.acts.clone().into());
+        m.insert(
+            "alpha".into(),
+            qc.extra.get("alpha").cloned().unwrap_or_default(),
+        );
+        m.insert(
+            "smooth_targets".into(),
+            qc.extra.get("smooth_targets").cloned().unwrap_or_default(),
+        );
+        if let Some(a) = qc.extra.get("alphas") {
+            m.insert("alphas".into(), a.clone());
+        }
+        return Ok(m);
+    }
+    let mut m = serde_json::Map::new();
+    m.insert("scheme".into(), scheme.name().into());
+    let r = recipe(q);
+    let (w, a) = match scheme {
+        Scheme::Fp32 => (serde_json::Value::Null, serde_json::Value::Null),
+        _ => (
+            serde_json::to_value(r.weights)?,
+            serde_json::Value::from(r.acts.name()),
+        ),
+    };
+    m.insert("weights".into(), w);
+    m.insert("acts".into(), a);
+    let (alpha, targets) = match scheme {
+        Scheme::SmoothQuant => (alpha_json(&alpha(q)?), serde_json::Value::from("paper")),
+        _ => (serde_json::Value::Null, serde_json::Value::Null),
+    };
+    m.insert("alpha".into(), alpha);
+    m.insert("smooth_targets".into(), targets);
+    Ok(m)
+}

@@ -1,0 +1,440 @@
+//! Drive the built `smoothquant` binary on the embedded model: exit codes, JSON keys, errors.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_smoothquant"))
+}
+
+fn assets() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn keys(v: &serde_json::Value) -> Vec<&str> {
+    v.as_object().unwrap().keys().map(String::as_str).collect()
+}
+
+fn has_keys(v: &serde_json::Value, want: &[&str]) {
+    let k = keys(v);
+    for w in want {
+        assert!(k.contains(w), "missing key {w} in {k:?}");
+    }
+}
+
+#[test]
+fn help_lists_the_contract_subcommands() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for cmd in [
+        "demo",
+        "inspect",
+        "calibrate",
+        "quantize",
+        "eval",
+        "generate",
+        "bench",
+    ] {
+        assert!(text.contains(cmd), "--help lacks {cmd}");
+        assert!(run(&[cmd, "--help"]).status.success(), "{cmd} --help");
+    }
+}
+
+#[test]
+fn generate_json_and_stream() {
+    let v = json(&run(&[
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]));
+    has_keys(&v, &["prompt", "text", "tokens", "tokens_per_s"]);
+    assert!(
+        v["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(", there was a little girl named Lily"),
+        "{v}"
+    );
+    let out = run(&[
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Once upon a time, there was"));
+    // Seeded sampling is reproducible.
+    let a = json(&run(&[
+        "generate",
+        "--prompt",
+        "Once",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "5",
+        "--json",
+    ]));
+    let b = json(&run(&[
+        "generate",
+        "--prompt",
+        "Once",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "5",
+        "--json",
+    ]));
+    assert_eq!(a["text"], b["text"]);
+}
+
+#[test]
+fn calibrate_then_eval_every_scheme() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("act.safetensors");
+    let calib = assets().join("calib.txt");
+    let eval = assets().join("eval.txt");
+    let v = json(&run(&[
+        "calibrate",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "8",
+        "--calib-seq-len",
+        "128",
+        "--out",
+        stats.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(v["linears"], 35);
+    assert!(stats.is_file());
+    let v = json(&run(&[
+        "eval",
+        "--data",
+        eval.to_str().unwrap(),
+        "--seq-len",
+        "128",
+        "--max-windows",
+        "6",
+        "--act-scales",
+        stats.to_str().unwrap(),
+        "--json",
+    ]));
+    has_keys(
+        &v,
+        &["model", "data", "seq_len", "windows", "tokens", "results"],
+    );
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        has_keys(
+            r,
+            &[
+                "scheme",
+                "weights",
+                "acts",
+                "alpha",
+                "smooth_targets",
+                "perplexity",
+            ],
+        );
+        let ppl = r["perplexity"].as_f64().unwrap();
+        assert!(ppl > 1.0 && ppl < 20.0, "{r}");
+    }
+    assert_eq!(rows[0]["weights"], serde_json::Value::Null);
+    assert_eq!(rows[1]["alpha"], serde_json::Value::Null);
+    assert_eq!(rows[2]["alpha"], 0.5);
+    assert_eq!(rows[2]["acts"], "token");
+    // W8A8 stays close to fp32 on this model.
+    let fp = rows[0]["perplexity"].as_f64().unwrap();
+    for r in &rows[1..] {
+        assert!(
+            (r["perplexity"].as_f64().unwrap() / fp - 1.0).abs() < 0.05,
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn inspect_and_bench_json() {
+    let v = json(&run(&["inspect", "--json"]));
+    has_keys(
+        &v,
+        &["architecture", "layers", "hidden", "params", "linears"],
+    );
+    assert_eq!(v["layers"], 5);
+    assert_eq!(v["hidden"], 64);
+    has_keys(
+        &v["linears"][0],
+        &[
+            "name",
+            "in",
+            "out",
+            "act_max_median_ratio",
+            "act_max_median_ratio_smoothed",
+        ],
+    );
+    assert_eq!(v["linears"][0]["name"], "model.layers.0.self_attn.q_proj");
+    let v = json(&run(&[
+        "bench",
+        "--prompt-len",
+        "32,64",
+        "--gen-tokens",
+        "8",
+        "--scheme",
+        "fp32",
+        "--json",
+    ]));
+    has_keys(&v, &["model", "threads", "gen_tokens", "results"]);
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        has_keys(
+            r,
+            &[
+                "scheme",
+                "weights",
+                "acts",
+                "prompt_len",
+                "prefill_tokens_per_s",
+                "decode_tokens_per_s",
+                "peak_rss_bytes",
+                "model_bytes",
+            ],
+        );
+        assert!(r["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn demo_runs() {
+    let out = run(&["demo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("fp32") && text.contains("perplexity"),
+        "{text}"
+    );
+}
+
+/// Every user error exits 1 with a message naming the problem, never a panic.
+#[test]
+fn user_errors_exit_1_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "  \n").unwrap();
+    let eval = assets().join("eval.txt");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "eval",
+                "--data",
+                "/nonexistent/wiki.txt",
+                "--scheme",
+                "fp32",
+            ],
+            "/nonexistent/wiki.txt",
+        ),
+        (
+            vec![
+                "eval",
+                "--data",
+                empty.to_str().unwrap(),
+                "--scheme",
+                "fp32",
+            ],
+            "is empty",
+        ),
+        (
+            vec!["eval", "--data", eval.to_str().unwrap()],
+            "--calib-data",
+        ),
+        (
+            vec!["eval", "--data", eval.to_str().unwrap(), "--scheme", "int4"],
+            "int4",
+        ),
+        (
+            vec![
+                "eval",
+                "--data",
+                eval.to_str().unwrap(),
+                "--scheme",
+                "smoothquant",
+                "--calib-data",
+                eval.to_str().unwrap(),
+                "--alpha",
+                "1.5",
+            ],
+            "--alpha 1.5",
+        ),
+        (
+            vec![
+                "eval",
+                "--data",
+                eval.to_str().unwrap(),
+                "--scheme",
+                "smoothquant",
+                "--calib-data",
+                eval.to_str().unwrap(),
+                "--alpha",
+                "-0.2",
+            ],
+            "outside [0, 1]",
+        ),
+        (
+            vec![
+                "generate",
+                "--prompt",
+                "x",
+                "--model",
+                "/nonexistent/model.gguf",
+            ],
+            "/nonexistent/model.gguf",
+        ),
+        (
+            vec!["generate", "--prompt", "x", "--temperature", "-1"],
+            "temperature",
+        ),
+        (vec!["generate", "--prompt", "x", "--top-p", "0"], "top-p"),
+        (
+            vec![
+                "generate",
+                "--prompt",
+                "x",
+                "--model",
+                empty.to_str().unwrap(),
+            ],
+            "empty.txt",
+        ),
+        (vec!["generate", "--bogus"], "--bogus"),
+        (
+            vec![
+                "calibrate",
+                "--data",
+                empty.to_str().unwrap(),
+                "--out",
+                "/tmp/x.safetensors",
+            ],
+            "is empty",
+        ),
+        (vec!["bench", "--prompt-len", "0"], "--prompt-len"),
+        (vec!["--threads", "0", "inspect"], "--threads"),
+    ];
+    for (args, needle) in cases {
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected `{needle}` in: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn quantize_reload_eval_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stories-w8a8");
+    let calib = assets().join("calib.txt");
+    let eval = assets().join("eval.txt");
+    let v = json(&run(&[
+        "quantize",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "8",
+        "--calib-seq-len",
+        "128",
+        "--preset",
+        "o3",
+        "--alpha",
+        "0.6",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(v["scheme"], "smoothquant");
+    assert_eq!(v["acts"], "static");
+    assert_eq!(v["alphas"].as_object().unwrap().len(), 10);
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    // The checkpoint runs INT8 as written: its scheme is the default, others are refused.
+    let v = json(&run(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        eval.to_str().unwrap(),
+        "--seq-len",
+        "128",
+        "--max-windows",
+        "4",
+        "--json",
+    ]));
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["scheme"], "smoothquant");
+    assert_eq!(rows[0]["acts"], "static");
+    assert_eq!(rows[0]["alpha"], 0.6);
+    assert!(rows[0]["perplexity"].as_f64().unwrap() < 10.0);
+    let v = json(&run(&[
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]));
+    assert!(v["text"].as_str().unwrap().starts_with(','), "{v}");
+    let bad = run(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        eval.to_str().unwrap(),
+        "--scheme",
+        "fp32",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("runs only as it was quantized"));
+    // A non-empty output needs --force.
+    let again = run(&[
+        "quantize",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+}

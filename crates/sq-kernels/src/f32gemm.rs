@@ -1,0 +1,673 @@
+//! f32 GEMM for the full-precision model: `Y = X · Wᵀ (+ bias)` with W packed once, and a
+//! general strided `C = alpha · A · op(B) + beta · C` for attention.
+//!
+//! B is packed in panels of 16 columns, one 64-byte line per k, so the AVX-512 micro-kernel
+//! (8 rows x 48 columns, 24 accumulators) loads whole lines and broadcasts A from memory.
+//! Results may differ from [`reference_sgemm`] in the last bits (FMA, summation order).
+
+use crate::error::{check_len, checked_mul, KernelError, Result};
+use crate::int8::panel_block;
+use crate::scratch::with_buffer;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+const PANEL: usize = 16;
+
+/// 16 f32 columns of one k: one cache line.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C, align(64))]
+pub(crate) struct LineF32(pub [f32; PANEL]);
+
+thread_local! {
+    static PACKED_B: RefCell<Vec<LineF32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// f32 weights `W [n, k]` packed once for [`f32_gemm`].
+#[derive(Clone, Debug)]
+pub struct PackedF32 {
+    n: usize,
+    k: usize,
+    lines: Vec<LineF32>,
+}
+
+impl PackedF32 {
+    /// Output features (rows of W).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// Input features (columns of W).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    /// Bytes of packed weights (what a GEMM streams from memory).
+    pub fn weight_bytes(&self) -> usize {
+        self.lines.len() * std::mem::size_of::<LineF32>()
+    }
+
+    /// The original `[n, k]` row-major weights (exact: packing only moves values).
+    pub fn unpack(&self) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0.0f32; n * k];
+        if k == 0 {
+            return w;
+        }
+        for (p, panel) in self.lines.chunks_exact(k).enumerate() {
+            let cols = (n - p * PANEL).min(PANEL);
+            for (kk, line) in panel.iter().enumerate() {
+                for c in 0..cols {
+                    w[(p * PANEL + c) * k + kk] = line.0[c];
+                }
+            }
+        }
+        w
+    }
+}
+
+/// Packs B (`n` columns by `k`; element `(j, kk)` at `src[j * stride_n + kk * stride_k]`) into
+/// `ceil(n/16) * k` lines, zero-padded.
+fn pack_into(
+    src: &[f32],
+    n: usize,
+    k: usize,
+    stride_n: usize,
+    stride_k: usize,
+    dst: &mut [LineF32],
+) {
+    debug_assert_eq!(dst.len(), n.div_ceil(PANEL) * k);
+    if k == 0 {
+        return;
+    }
+    for (p, panel) in dst.chunks_exact_mut(k).enumerate() {
+        let cols = (n - p * PANEL).min(PANEL);
+        for (kk, line) in panel.iter_mut().enumerate() {
+            let base = p * PANEL * stride_n + kk * stride_k;
+            for c in 0..PANEL {
+                line.0[c] = if c < cols {
+                    src[base + c * stride_n]
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Packs `w [n, k]` (row-major, nn.Linear layout) for [`f32_gemm`].
+pub fn pack_f32(w: &[f32], n: usize, k: usize) -> Result<PackedF32> {
+    const OP: &str = "pack_f32";
+    check_len(
+        OP,
+        "w",
+        || format!("[{n}, {k}]"),
+        checked_mul(OP, n, k)?,
+        w.len(),
+    )?;
+    let mut lines = vec![LineF32::default(); n.div_ceil(PANEL) * k];
+    pack_into(w, n, k, k, 1, &mut lines);
+    Ok(PackedF32 { n, k, lines })
+}
+
+/// A read-only strided matrix: element `(r, c)` at `data[r * row_stride + c]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+}
+
+/// A mutable strided matrix: element `(r, c)` at `data[r * row_stride + c]`.
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    pub data: &'a mut [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense row-major `[rows, cols]` matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+        }
+    }
+}
+
+impl<'a> MatMut<'a> {
+    /// A dense row-major `[rows, cols]` matrix.
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+        }
+    }
+}
+
+fn check_strided(
+    op: &'static str,
+    operand: &'static str,
+    len: usize,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    if rows > 1 && row_stride < cols {
+        return Err(KernelError::ShapeMismatch {
+            op,
+            detail: format!("`{operand}` [{rows}, {cols}] has row stride {row_stride} < {cols}"),
+        });
+    }
+    let need = (rows - 1)
+        .checked_mul(row_stride)
+        .and_then(|v| v.checked_add(cols))
+        .ok_or_else(|| KernelError::ShapeMismatch {
+            op,
+            detail: format!("`{operand}` strides overflow usize"),
+        })?;
+    if len < need {
+        return Err(KernelError::BadLength {
+            op,
+            operand,
+            shape: format!("[{rows}, {cols}] with row stride {row_stride}"),
+            expected: need,
+            actual: len,
+        });
+    }
+    Ok(())
+}
+
+/// Whether `op(B)` is B or its transpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transpose {
+    /// B is `[k, n]`.
+    No,
+    /// B is `[n, k]` and the product uses Bᵀ (e.g. `Q · Kᵀ`, or nn.Linear weights).
+    Yes,
+}
+
+/// Everything a tile reads; pointers valid for the call, tiles write disjoint outputs.
+#[derive(Clone, Copy, Debug)]
+struct Ctx {
+    a: *const f32,
+    lda: usize,
+    k: usize,
+    panels: *const LineF32,
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+    bias: *const f32,
+}
+// SAFETY: see the struct docs.
+unsafe impl Send for Ctx {}
+unsafe impl Sync for Ctx {}
+
+/// A micro-tile's origin and its slice `k_lo..k_hi` of the reduction.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    i0: usize,
+    p0: usize,
+    k_lo: usize,
+    k_hi: usize,
+}
+
+/// k per block: 3 panels x 16 columns x 128 k x 4 bytes = 24 KiB of B stays in L1.
+const KC: usize = 128;
+
+impl Ctx {
+    /// Scalar epilogue: `alpha · acc (+ beta · c) (+ bias)` for the first k block, then
+    /// `c += alpha · acc` for the others.
+    #[inline(always)]
+    unsafe fn store(&self, i: usize, j: usize, acc: f32, first_block: bool) {
+        let dst = self.c.add(i * self.ldc + j);
+        let mut v = acc * self.alpha;
+        if !first_block {
+            v += *dst;
+        } else {
+            if self.beta != 0.0 {
+                v += self.beta * *dst;
+            }
+            if !self.bias.is_null() {
+                v += *self.bias.add(j);
+            }
+        }
+        *dst = v;
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            return Kernel::Avx512;
+        }
+        Kernel::Portable
+    }
+
+    fn mr(self) -> usize {
+        match self {
+            Kernel::Portable => 4,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => 8,
+        }
+    }
+
+    fn nv(self) -> usize {
+        match self {
+            Kernel::Portable => 1,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => 3,
+        }
+    }
+
+    /// # Safety
+    /// Rows `i0..i0 + rows` (`<= mr`) and panels `p0..p0 + panels` (`<= nv`) exist in `ctx`.
+    unsafe fn tile(self, ctx: &Ctx, at: &At, rows: usize, panels: usize) {
+        match self {
+            Kernel::Portable => {
+                dispatch_tile!(tile_portable(ctx, at), rows, panels, [1 2 3 4], [1])
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                dispatch_tile!(tile_avx512(ctx, at), rows, panels, [1 2 3 4 5 6 7 8], [1 2 3])
+            }
+        }
+    }
+}
+
+/// # Safety
+/// As [`Kernel::tile`].
+#[inline(always)]
+unsafe fn tile_portable<const R: usize, const V: usize>(ctx: &Ctx, at: &At) {
+    let (i0, p0) = (at.i0, at.p0);
+    let mut acc = [[[0.0f32; PANEL]; V]; R];
+    for kk in at.k_lo..at.k_hi {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let x = *ctx.a.add((i0 + r) * ctx.lda + kk);
+            for (v, acc_v) in acc_r.iter_mut().enumerate() {
+                let line = &(*ctx.panels.add((p0 + v) * ctx.k + kk)).0;
+                for (a, &b) in acc_v.iter_mut().zip(line) {
+                    *a += x * b;
+                }
+            }
+        }
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (v, acc_v) in acc_r.iter().enumerate() {
+            let j0 = (p0 + v) * PANEL;
+            for (c, &a) in acc_v.iter().enumerate().take(ctx.n - j0) {
+                ctx.store(i0 + r, j0 + c, a, at.k_lo == 0);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use x86::tile as tile_avx512;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{At, Ctx, PANEL};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// Needs AVX-512 F; rows `i0..i0 + R` and panels `p0..p0 + V` exist in `ctx`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile<const R: usize, const V: usize>(ctx: &Ctx, at: &At) {
+        let (i0, p0) = (at.i0, at.p0);
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let b0 = ctx.panels.add(p0 * ctx.k) as *const f32;
+        let a0 = ctx.a.add(i0 * ctx.lda);
+        for kk in at.k_lo..at.k_hi {
+            let mut b = [_mm512_setzero_ps(); V];
+            for (v, bv) in b.iter_mut().enumerate() {
+                *bv = _mm512_load_ps(b0.add((v * ctx.k + kk) * PANEL));
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a0.add(r * ctx.lda + kk));
+                for (a, &bv) in acc_r.iter_mut().zip(&b) {
+                    *a = _mm512_fmadd_ps(bv, x, *a);
+                }
+            }
+        }
+        let alpha = _mm512_set1_ps(ctx.alpha);
+        let beta = _mm512_set1_ps(ctx.beta);
+        // Copy out once so the k loop keeps the accumulators in registers.
+        let result = acc;
+        for (r, acc_r) in result.iter().enumerate() {
+            let row = ctx.c.add((i0 + r) * ctx.ldc);
+            for (v, &a) in acc_r.iter().enumerate() {
+                let j = (p0 + v) * PANEL;
+                let rem = ctx.n - j;
+                let mask: __mmask16 = if rem >= PANEL {
+                    0xFFFF
+                } else {
+                    ((1u32 << rem) - 1) as __mmask16
+                };
+                let mut y = _mm512_mul_ps(a, alpha);
+                if at.k_lo != 0 {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row.add(j)));
+                } else {
+                    if ctx.beta != 0.0 {
+                        y = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask, row.add(j)), y);
+                    }
+                    if !ctx.bias.is_null() {
+                        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, ctx.bias.add(j)));
+                    }
+                }
+                _mm512_mask_storeu_ps(row.add(j), mask, y);
+            }
+        }
+    }
+}
+
+/// Below this many multiply-adds a call stays on the calling thread.
+const SERIAL_WORK: usize = 1 << 20;
+/// Rows a task keeps hot while it sweeps its panels.
+const MC: usize = 64;
+
+fn run(kernel: Kernel, ctx: &Ctx, m: usize, parallel: bool) {
+    let n = ctx.n;
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (mr, nv) = (kernel.mr(), kernel.nv());
+    let panels = n.div_ceil(PANEL);
+    let work = m.saturating_mul(n).saturating_mul(ctx.k.max(1));
+    let threads = if parallel && work >= SERIAL_WORK {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let mc = m.min(MC);
+    let m_blocks = m.div_ceil(mc);
+    let np = panel_block(panels, m_blocks, threads, nv);
+    let n_blocks = panels.div_ceil(np);
+    let tasks = m_blocks * n_blocks;
+    let k_blocks = ctx.k.div_ceil(KC).max(1);
+    let task = |t: usize| {
+        // m-block outer: its rows of A (f32, 4x the INT8 bytes) stay in L2 while the
+        // contiguous weight panels stream past.
+        let (mb, nb) = (t / n_blocks, t % n_blocks);
+        let (i_lo, i_hi) = (mb * mc, ((mb + 1) * mc).min(m));
+        let (p_lo, p_hi) = (nb * np, ((nb + 1) * np).min(panels));
+        // k blocks outer: the first writes C (beta, bias), the others accumulate into it.
+        for kb in 0..k_blocks {
+            let (k_lo, k_hi) = (kb * KC, ((kb + 1) * KC).min(ctx.k));
+            let mut p = p_lo;
+            while p < p_hi {
+                let pn = nv.min(p_hi - p);
+                let mut i = i_lo;
+                while i < i_hi {
+                    let rows = mr.min(i_hi - i);
+                    let at = At {
+                        i0: i,
+                        p0: p,
+                        k_lo,
+                        k_hi,
+                    };
+                    // SAFETY: the tile lies inside the validated problem.
+                    unsafe { kernel.tile(ctx, &at, rows, pn) };
+                    i += rows;
+                }
+                p += pn;
+            }
+        }
+    };
+    if threads == 1 || tasks == 1 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+/// `out [m, n] = x [m, k] · Wᵀ + bias`, W packed by [`pack_f32`]; multi-threaded on rayon's
+/// current pool (split over N for small m).
+pub fn f32_gemm(
+    x: &[f32],
+    m: usize,
+    w: &PackedF32,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "f32_gemm";
+    let (n, k) = (w.n, w.k);
+    check_len(
+        OP,
+        "x",
+        || format!("[{m}, {k}]"),
+        checked_mul(OP, m, k)?,
+        x.len(),
+    )?;
+    check_len(
+        OP,
+        "out",
+        || format!("[{m}, {n}]"),
+        checked_mul(OP, m, n)?,
+        out.len(),
+    )?;
+    if let Some(b) = bias {
+        check_len(OP, "bias", || format!("[{n}]"), n, b.len())?;
+    }
+    let ctx = Ctx {
+        a: x.as_ptr(),
+        lda: k,
+        k,
+        panels: w.lines.as_ptr(),
+        n,
+        c: out.as_mut_ptr(),
+        ldc: n,
+        alpha: 1.0,
+        beta: 0.0,
+        bias: bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
+    };
+    run(Kernel::best(), &ctx, m, true);
+    Ok(())
+}
+
+/// General strided `C = alpha · A · op(B) + beta · C`; A is `[m, k]`, `op(B)` is `[k, n]`,
+/// C is `[m, n]`. When `beta == 0`, C is not read (it may hold NaN). B is packed per call into
+/// thread-local scratch. Multi-threaded on rayon's current pool.
+pub fn sgemm(
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    b_op: Transpose,
+    beta: f32,
+    c: MatMut<'_>,
+) -> Result<()> {
+    sgemm_with(Kernel::best(), alpha, a, b, b_op, beta, c, true)
+}
+
+/// [`sgemm`] on the calling thread only, for callers that already parallelize (e.g. over
+/// attention heads).
+pub fn sgemm_serial(
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    b_op: Transpose,
+    beta: f32,
+    c: MatMut<'_>,
+) -> Result<()> {
+    sgemm_with(Kernel::best(), alpha, a, b, b_op, beta, c, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sgemm_with(
+    kernel: Kernel,
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    b_op: Transpose,
+    beta: f32,
+    c: MatMut<'_>,
+    parallel: bool,
+) -> Result<()> {
+    const OP: &str = "sgemm";
+    let (m, k) = (a.rows, a.cols);
+    let (bk, n) = match b_op {
+        Transpose::No => (b.rows, b.cols),
+        Transpose::Yes => (b.cols, b.rows),
+    };
+    if bk != k || c.rows != m || c.cols != n {
+        return Err(KernelError::ShapeMismatch {
+            op: OP,
+            detail: format!(
+                "A is [{m}, {k}], op(B) is [{bk}, {n}] (B [{}, {}], transpose {:?}), C is [{}, {}]",
+                b.rows, b.cols, b_op, c.rows, c.cols
+            ),
+        });
+    }
+    check_strided(OP, "a", a.data.len(), a.rows, a.cols, a.row_stride)?;
+    check_strided(OP, "b", b.data.len(), b.rows, b.cols, b.row_stride)?;
+    check_strided(OP, "c", c.data.len(), c.rows, c.cols, c.row_stride)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let (stride_n, stride_k) = match b_op {
+        Transpose::No => (1, b.row_stride),
+        Transpose::Yes => (b.row_stride, 1),
+    };
+    let lines = n.div_ceil(PANEL) * k;
+    with_buffer(&PACKED_B, lines, |packed| {
+        pack_into(b.data, n, k, stride_n, stride_k, packed);
+        let ctx = Ctx {
+            a: a.data.as_ptr(),
+            lda: a.row_stride,
+            k,
+            panels: packed.as_ptr(),
+            n,
+            c: c.data.as_mut_ptr(),
+            ldc: c.row_stride,
+            alpha,
+            beta,
+            bias: std::ptr::null(),
+        };
+        run(kernel, &ctx, m, parallel);
+    });
+    Ok(())
+}
+
+/// Scalar `C = alpha · A · op(B) + beta · C`, the oracle for tests (k summed in order, no FMA).
+pub fn reference_sgemm(
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    b_op: Transpose,
+    beta: f32,
+    c: MatMut<'_>,
+) -> Result<()> {
+    const OP: &str = "reference_sgemm";
+    let (m, k) = (a.rows, a.cols);
+    let (bk, n) = match b_op {
+        Transpose::No => (b.rows, b.cols),
+        Transpose::Yes => (b.cols, b.rows),
+    };
+    if bk != k || c.rows != m || c.cols != n {
+        return Err(KernelError::ShapeMismatch {
+            op: OP,
+            detail: format!(
+                "A is [{m}, {k}], op(B) is [{bk}, {n}], C is [{}, {}]",
+                c.rows, c.cols
+            ),
+        });
+    }
+    check_strided(OP, "a", a.data.len(), a.rows, a.cols, a.row_stride)?;
+    check_strided(OP, "b", b.data.len(), b.rows, b.cols, b.row_stride)?;
+    check_strided(OP, "c", c.data.len(), c.rows, c.cols, c.row_stride)?;
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0.0f32;
+            for kk in 0..k {
+                let bv = match b_op {
+                    Transpose::No => b.data[kk * b.row_stride + j],
+                    Transpose::Yes => b.data[j * b.row_stride + kk],
+                };
+                acc += a.data[i * a.row_stride + kk] * bv;
+            }
+            let dst = &mut c.data[i * c.row_stride + j];
+            *dst = if beta == 0.0 {
+                alpha * acc
+            } else {
+                alpha * acc + beta * *dst
+            };
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The portable kernel against the oracle (the AVX-512 one is covered by the public tests).
+    #[test]
+    fn unpack_inverts_pack() {
+        for (n, k) in [(1, 1), (17, 3), (32, 0), (5, 40), (33, 65)] {
+            let w: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.5 - 7.0).collect();
+            assert_eq!(pack_f32(&w, n, k).unwrap().unpack(), w, "{n}x{k}");
+        }
+    }
+
+    #[test]
+    fn portable_kernel_matches_reference() {
+        for (m, n, k) in [(1, 1, 1), (5, 17, 3), (9, 33, 20), (4, 48, 0), (13, 50, 37)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 4.0)
+                .collect();
+            let b: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0)
+                .collect();
+            let mut got = vec![1.0f32; m * n];
+            let mut want = vec![1.0f32; m * n];
+            for (op, bm) in [
+                (Transpose::Yes, MatRef::new(&b, n, k)),
+                (Transpose::No, MatRef::new(&b, k, n)),
+            ] {
+                sgemm_with(
+                    Kernel::Portable,
+                    0.5,
+                    MatRef::new(&a, m, k),
+                    bm,
+                    op,
+                    0.25,
+                    MatMut::new(&mut got, m, n),
+                    false,
+                )
+                .unwrap();
+                reference_sgemm(
+                    0.5,
+                    MatRef::new(&a, m, k),
+                    bm,
+                    op,
+                    0.25,
+                    MatMut::new(&mut want, m, n),
+                )
+                .unwrap();
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{m}x{n}x{k} {op:?}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}

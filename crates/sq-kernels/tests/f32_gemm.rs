@@ -1,0 +1,228 @@
+//! The f32 path against the scalar oracle, on odd shapes and strides.
+
+mod common;
+
+use common::Rng;
+use sq_kernels::{
+    f32_gemm, pack_f32, reference_sgemm, sgemm, sgemm_serial, KernelError, MatMut, MatRef,
+    Transpose,
+};
+
+fn assert_close(got: &[f32], want: &[f32], k: usize, ctx: &str) {
+    // Inputs in [-1, 1]: the summation-order error grows with k.
+    let tol = 1e-5 * (k as f32 + 1.0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{ctx}: element {i}: {g} vs {w}"
+        );
+    }
+}
+
+const EDGES: [usize; 6] = [1, 7, 8, 9, 17, 49];
+
+#[test]
+fn f32_gemm_matches_reference_on_every_small_dimension() {
+    let mut rng = Rng::new(11);
+    for dim in 0..3 {
+        for v in 1..=67 {
+            for &a in &EDGES {
+                for &b in &EDGES {
+                    let (m, n, k) = match dim {
+                        0 => (v, a, b),
+                        1 => (a, v, b),
+                        _ => (a, b, v),
+                    };
+                    let x = rng.f32s(m * k, -1.0, 1.0);
+                    let w = rng.f32s(n * k, -1.0, 1.0);
+                    let bias = rng.f32s(n, -1.0, 1.0);
+                    let packed = pack_f32(&w, n, k).unwrap();
+                    let mut got = vec![f32::NAN; m * n];
+                    f32_gemm(&x, m, &packed, Some(&bias), &mut got).unwrap();
+                    let mut want = vec![0f32; m * n];
+                    reference_sgemm(
+                        1.0,
+                        MatRef::new(&x, m, k),
+                        MatRef::new(&w, n, k),
+                        Transpose::Yes,
+                        0.0,
+                        MatMut::new(&mut want, m, n),
+                    )
+                    .unwrap();
+                    for (i, v) in want.iter_mut().enumerate() {
+                        *v += bias[i % n];
+                    }
+                    assert_close(&got, &want, k, &format!("f32_gemm {m}x{n}x{k}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sgemm_strided_with_alpha_beta_and_both_layouts() {
+    let mut rng = Rng::new(12);
+    for (m, n, k) in [
+        (1, 1, 1),
+        (5, 70, 64),
+        (64, 64, 64),
+        (130, 33, 100),
+        (1, 4096, 128),
+        (300, 300, 300),
+    ] {
+        for b_op in [Transpose::No, Transpose::Yes] {
+            for (alpha, beta) in [(1.0, 0.0), (0.125, 1.0), (-2.0, 0.5)] {
+                let (lda, ldb, ldc) = (
+                    k + 3,
+                    if b_op == Transpose::Yes { k + 5 } else { n + 2 },
+                    n + 1,
+                );
+                let (br, bc) = if b_op == Transpose::Yes {
+                    (n, k)
+                } else {
+                    (k, n)
+                };
+                let a = rng.f32s(m * lda, -1.0, 1.0);
+                let b = rng.f32s(br * ldb, -1.0, 1.0);
+                // NaN in C must not leak through when beta == 0.
+                let c0: Vec<f32> = if beta == 0.0 {
+                    vec![f32::NAN; m * ldc]
+                } else {
+                    rng.f32s(m * ldc, -1.0, 1.0)
+                };
+                let am = MatRef {
+                    data: &a,
+                    rows: m,
+                    cols: k,
+                    row_stride: lda,
+                };
+                let bm = MatRef {
+                    data: &b,
+                    rows: br,
+                    cols: bc,
+                    row_stride: ldb,
+                };
+                let mut got = c0.clone();
+                let mut serial = c0.clone();
+                let mut want = c0.clone();
+                sgemm(
+                    alpha,
+                    am,
+                    bm,
+                    b_op,
+                    beta,
+                    MatMut {
+                        data: &mut got,
+                        rows: m,
+                        cols: n,
+                        row_stride: ldc,
+                    },
+                )
+                .unwrap();
+                sgemm_serial(
+                    alpha,
+                    am,
+                    bm,
+                    b_op,
+                    beta,
+                    MatMut {
+                        data: &mut serial,
+                        rows: m,
+                        cols: n,
+                        row_stride: ldc,
+                    },
+                )
+                .unwrap();
+                reference_sgemm(
+                    alpha,
+                    am,
+                    bm,
+                    b_op,
+                    beta,
+                    MatMut {
+                        data: &mut want,
+                        rows: m,
+                        cols: n,
+                        row_stride: ldc,
+                    },
+                )
+                .unwrap();
+                let ctx = format!("sgemm {m}x{n}x{k} {b_op:?} alpha={alpha} beta={beta}");
+                // Compare only the C elements; the padding columns must stay untouched.
+                for i in 0..m {
+                    let row = i * ldc..i * ldc + n;
+                    assert_close(&got[row.clone()], &want[row.clone()], k, &ctx);
+                    assert_eq!(got[row.clone()], serial[row], "{ctx}: serial differs");
+                    if ldc > n {
+                        assert_eq!(
+                            got[i * ldc + n].to_bits(),
+                            c0[i * ldc + n].to_bits(),
+                            "{ctx}: padding written"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_errors() {
+    let packed = pack_f32(&[0.0; 6], 2, 3).unwrap();
+    let err = f32_gemm(&[0.0; 5], 2, &packed, None, &mut [0.0; 4]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            KernelError::BadLength {
+                op: "f32_gemm",
+                operand: "x",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = f32_gemm(&[0.0; 6], 2, &packed, Some(&[0.0; 3]), &mut [0.0; 4]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            KernelError::BadLength {
+                operand: "bias",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(pack_f32(&[0.0; 5], 2, 3).is_err());
+    let a = [0.0f32; 6];
+    let err = sgemm(
+        1.0,
+        MatRef::new(&a, 2, 3),
+        MatRef::new(&a, 2, 3),
+        Transpose::No,
+        0.0,
+        MatMut::new(&mut [0.0; 4], 2, 2),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, KernelError::ShapeMismatch { op: "sgemm", .. }),
+        "{err}"
+    );
+    let err = sgemm(
+        1.0,
+        MatRef {
+            data: &a,
+            rows: 2,
+            cols: 3,
+            row_stride: 4,
+        },
+        MatRef::new(&a, 3, 2),
+        Transpose::No,
+        0.0,
+        MatMut::new(&mut [0.0; 4], 2, 2),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, KernelError::BadLength { operand: "a", .. }),
+        "{err}"
+    );
+}

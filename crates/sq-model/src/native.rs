@@ -1,0 +1,176 @@
+//! smoothquant-rs' own W8A8 checkpoint: a Hugging Face-style directory whose `config.json`
+//! carries a `quantization_config` with `quant_method = "smoothquant-rs"`. Decoder Linears are
+//! stored as INT8 `weight` with `weight_scale` (and `input_scale` for static activations); every
+//! other tensor (embeddings, smoothed norms, LM head) is f32 under its Hugging Face name.
+//! Loading runs INT8 directly, with no recalibration.
+
+use crate::config::read_config_json;
+use crate::loader::{build_model, LoadedModel};
+use crate::quant::{ActQuant, Int8Linear, WeightGranularity};
+use crate::tokenizer::HfTokenizer;
+use crate::{ModelError, Result};
+use sq_kernels::{Int8Gemm, WeightScales};
+use sq_tensor::Checkpoint;
+use std::path::Path;
+use std::sync::Arc;
+
+/// `quantization_config.quant_method` of our checkpoints.
+pub const QUANT_METHOD: &str = "smoothquant-rs";
+
+/// The fields of `quantization_config` the loader needs (the rest is the recipe's record).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct NativeQuantConfig {
+    pub quant_method: String,
+    pub format: String,
+    pub version: u32,
+    /// `naive` or `smoothquant`.
+    pub scheme: String,
+    pub weights: WeightGranularity,
+    /// `token`, `tensor` or `static`.
+    pub acts: String,
+    /// Whether generation starts with BOS for this model's tokenizer.
+    #[serde(default)]
+    pub add_bos: bool,
+    /// Everything else the writer recorded (alpha per group, calibration settings...).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Whether `dir` holds one of our quantized checkpoints.
+pub fn is_native_dir(dir: &Path) -> bool {
+    read_config_json(&dir.join("config.json"))
+        .ok()
+        .and_then(|c| {
+            c.get("quantization_config")?
+                .get("quant_method")?
+                .as_str()
+                .map(|m| m == QUANT_METHOD)
+        })
+        .unwrap_or(false)
+}
+
+/// Load a directory written by `smoothquant quantize --format native`.
+pub fn load_native(
+    dir: &Path,
+    backend: Arc<dyn Int8Gemm>,
+) -> Result<(LoadedModel, NativeQuantConfig)> {
+    let config_path = dir.join("config.json");
+    let config = read_config_json(&config_path)?;
+    let qc: NativeQuantConfig = serde_path_to_error::deserialize(
+        config
+            .get("quantization_config")
+            .cloned()
+            .unwrap_or_default(),
+    )
+    .map_err(|e| ModelError::Config {
+        path: config_path.clone(),
+        reason: format!("quantization_config: {e}"),
+    })?;
+    if qc.quant_method != QUANT_METHOD || qc.format != "native" {
+        return Err(ModelError::Config {
+            path: config_path,
+            reason: format!(
+                "quantization_config is `{}`/`{}`, not {QUANT_METHOD}/native",
+                qc.quant_method, qc.format
+            ),
+        });
+    }
+    let ckpt = Checkpoint::open(dir)?;
+    // The architecture is built as usual (INT8 weights read as exact f32 values), then each
+    // decoder Linear is replaced by its packed INT8 form.
+    let mut model = build_model(&config, &config_path, &ckpt)?;
+    for block in &mut model.layers {
+        for linear in block.linears_mut() {
+            let name = linear.name.clone();
+            let (n, k) = (linear.linear.out_features(), linear.linear.in_features());
+            let weight = ckpt.tensor(&format!("{name}.weight"))?;
+            let w_q = weight.to_vec::<i8>().map_err(|_| ModelError::Config {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "`{name}.weight` is {}, expected i8 in a quantized checkpoint",
+                    weight.dtype()
+                ),
+            })?;
+            let scale = ckpt.tensor(&format!("{name}.weight_scale"))?.to_f32_vec()?;
+            let scales = match (qc.weights, scale.len()) {
+                (WeightGranularity::Channel, len) if len == n => WeightScales::PerChannel(scale),
+                (WeightGranularity::Tensor, 1) => WeightScales::PerTensor(scale[0]),
+                (_, len) => {
+                    return Err(ModelError::TensorShape {
+                        path: dir.to_path_buf(),
+                        name: format!("{name}.weight_scale"),
+                        expected: vec![if qc.weights == WeightGranularity::Channel {
+                            n
+                        } else {
+                            1
+                        }],
+                        actual: vec![len],
+                    })
+                }
+            };
+            if let WeightScales::PerChannel(s) = &scales {
+                if let Some(i) = s.iter().position(|v| !v.is_finite() || *v < 0.0) {
+                    return Err(ModelError::NonFinite {
+                        path: dir.to_path_buf(),
+                        name: format!("{name}.weight_scale"),
+                        what: "a non-finite or negative scale",
+                        index: i,
+                    });
+                }
+            }
+            let act = match qc.acts.as_str() {
+                "token" => ActQuant::Token,
+                "tensor" => ActQuant::Tensor,
+                "static" => {
+                    let s = ckpt.tensor(&format!("{name}.input_scale"))?.to_f32_vec()?;
+                    match s.as_slice() {
+                        [v] if v.is_finite() && *v > 0.0 => ActQuant::Static { scale: *v },
+                        _ => {
+                            return Err(ModelError::Config {
+                                path: dir.to_path_buf(),
+                                reason: format!(
+                                    "`{name}.input_scale` must hold one positive number"
+                                ),
+                            })
+                        }
+                    }
+                }
+                other => {
+                    return Err(ModelError::Config {
+                        path: config_path,
+                        reason: format!(
+                            "quantization_config.acts `{other}` is not token, tensor or static"
+                        ),
+                    })
+                }
+            };
+            let bias = linear.as_fp().and_then(|fp| fp.bias().map(<[f32]>::to_vec));
+            linear.linear = Box::new(Int8Linear::from_quantized(
+                &w_q,
+                scales,
+                bias.as_deref(),
+                n,
+                k,
+                qc.weights,
+                act,
+                backend.clone(),
+            )?);
+        }
+    }
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = HfTokenizer::from_file(&tok_path)?
+        .with_special_ids(model.config.bos_token_id, model.config.eos_token_id)?;
+    let add_bos = qc.add_bos;
+    Ok((
+        LoadedModel {
+            model,
+            tokenizer: Arc::new(tokenizer),
+            source: dir.to_path_buf(),
+            format: "smoothquant-rs",
+            add_bos,
+            hf_config: config,
+            quantization: None,
+        },
+        qc,
+    ))
+}

@@ -1,0 +1,290 @@
+//! W8A8 Linears: INT8 weights packed once for the selected sq-kernels backend, activations
+//! quantized per call (dynamic per token, dynamic per tensor, or static), one INT8 GEMM with
+//! the dequantize epilogue fused. [`FakeQuantLinear`] computes the same thing in f32 and is the
+//! test oracle.
+
+use crate::linear::{check_forward_shapes, FpLinear, Linear};
+use crate::{ModelError, Result};
+use sq_kernels::{ActScales, Int8Gemm, PackedInt8, WeightScales};
+use std::any::Any;
+use std::cell::RefCell;
+use std::fmt;
+use std::sync::Arc;
+
+/// Weight scale granularity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightGranularity {
+    /// One scale per output channel.
+    Channel,
+    /// One scale for the whole weight.
+    Tensor,
+}
+
+/// How a Linear's input is quantized.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum ActQuant {
+    /// Dynamic, one scale per token (row).
+    Token,
+    /// Dynamic, one scale for the whole input.
+    Tensor,
+    /// Static per tensor: `scale = calibrated max|x| / 127`.
+    Static { scale: f32 },
+}
+
+impl ActQuant {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ActQuant::Token => "token",
+            ActQuant::Tensor => "tensor",
+            ActQuant::Static { .. } => "static",
+        }
+    }
+}
+
+thread_local! {
+    // Quantized activations and their scales: grown once, then reused (no per-token allocation).
+    static ACT_SCRATCH: RefCell<(Vec<i8>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Quantize `x` (`[m, k]`) with `act` into `q`/`scales`; returns the activation scales view.
+fn quantize_input<'a>(
+    act: ActQuant,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    q: &mut [i8],
+    scales: &'a mut [f32],
+) -> Result<ActScales<'a>> {
+    Ok(match act {
+        ActQuant::Token => {
+            sq_kernels::quantize_per_token(x, m, k, q, &mut scales[..m])?;
+            ActScales::PerToken(&scales[..m])
+        }
+        ActQuant::Tensor => ActScales::PerTensor(sq_kernels::quantize_per_tensor(x, q)?),
+        ActQuant::Static { scale } => {
+            sq_kernels::quantize_static(x, scale, q)?;
+            ActScales::PerTensor(scale)
+        }
+    })
+}
+
+/// Symmetric INT8 quantization of an FP weight: `(w_q, scales)`.
+pub fn quantize_weight(
+    fp: &FpLinear,
+    granularity: WeightGranularity,
+) -> Result<(Vec<i8>, WeightScales)> {
+    let (n, k) = (fp.out_features(), fp.in_features());
+    Ok(match granularity {
+        WeightGranularity::Channel => {
+            let (q, s) = sq_kernels::quantize_weights_per_channel(&fp.weight(), n, k)?;
+            (q, WeightScales::PerChannel(s))
+        }
+        WeightGranularity::Tensor => {
+            let (q, s) = sq_kernels::quantize_weights_per_tensor(&fp.weight(), n, k)?;
+            (q, WeightScales::PerTensor(s))
+        }
+    })
+}
+
+/// A W8A8 Linear running on an INT8 GEMM backend.
+pub struct Int8Linear {
+    in_features: usize,
+    out_features: usize,
+    packed: PackedInt8,
+    backend: Arc<dyn Int8Gemm>,
+    act: ActQuant,
+    weights: WeightGranularity,
+}
+
+impl fmt::Debug for Int8Linear {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Int8Linear([{} x {}], weights per {:?}, acts {:?}, {})",
+            self.out_features,
+            self.in_features,
+            self.weights,
+            self.act,
+            self.backend.name()
+        )
+    }
+}
+
+impl Int8Linear {
+    /// Quantize `fp`'s weights and pack them once for `backend`.
+    pub fn from_fp(
+        fp: &FpLinear,
+        weights: WeightGranularity,
+        act: ActQuant,
+        backend: Arc<dyn Int8Gemm>,
+    ) -> Result<Self> {
+        let (q, scales) = quantize_weight(fp, weights)?;
+        Self::from_quantized(
+            &q,
+            scales,
+            fp.bias(),
+            fp.out_features(),
+            fp.in_features(),
+            weights,
+            act,
+            backend,
+        )
+    }
+
+    /// Pack already-quantized weights (a checkpoint written by `quantize`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_quantized(
+        w_q: &[i8],
+        scales: WeightScales,
+        bias: Option<&[f32]>,
+        out_features: usize,
+        in_features: usize,
+        weights: WeightGranularity,
+        act: ActQuant,
+        backend: Arc<dyn Int8Gemm>,
+    ) -> Result<Self> {
+        if let ActQuant::Static { scale } = act {
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(ModelError::Invalid(format!(
+                    "static activation scale {scale} must be a positive number"
+                )));
+            }
+        }
+        let packed = backend.pack_weights(w_q, out_features, in_features, scales, bias)?;
+        Ok(Int8Linear {
+            in_features,
+            out_features,
+            packed,
+            backend,
+            act,
+            weights,
+        })
+    }
+
+    pub fn act_quant(&self) -> ActQuant {
+        self.act
+    }
+    pub fn weight_granularity(&self) -> WeightGranularity {
+        self.weights
+    }
+    pub fn packed(&self) -> &PackedInt8 {
+        &self.packed
+    }
+}
+
+impl Linear for Int8Linear {
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+    fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        check_forward_shapes(self, x, m, y)?;
+        ACT_SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let (q, scales) = &mut *s;
+            if q.len() < x.len() {
+                q.resize(x.len(), 0);
+            }
+            if scales.len() < m {
+                scales.resize(m, 0.0);
+            }
+            let q = &mut q[..x.len()];
+            let x_scales = quantize_input(self.act, x, m, self.in_features, q, scales)?;
+            self.backend.gemm_f32_out(q, m, x_scales, &self.packed, y)?;
+            Ok(())
+        })
+    }
+    fn weight_bytes(&self) -> usize {
+        self.packed.weight_bytes()
+    }
+    fn kind(&self) -> String {
+        format!(
+            "w8a8 (weights per {}, acts {})",
+            match self.weights {
+                WeightGranularity::Channel => "channel",
+                WeightGranularity::Tensor => "tensor",
+            },
+            self.act.name()
+        )
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The same W8A8 computation in f32 (dequantized weights, quantize-dequantize of the input):
+/// the oracle the INT8 path is tested against. Not for production use.
+#[derive(Debug)]
+pub struct FakeQuantLinear {
+    dequantized: FpLinear,
+    act: ActQuant,
+}
+
+impl FakeQuantLinear {
+    pub fn from_fp(fp: &FpLinear, weights: WeightGranularity, act: ActQuant) -> Result<Self> {
+        let (q, scales) = quantize_weight(fp, weights)?;
+        let k = fp.in_features();
+        let w: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let s = match &scales {
+                    WeightScales::PerChannel(s) => s[i / k],
+                    WeightScales::PerTensor(s) => *s,
+                };
+                v as f32 * s
+            })
+            .collect();
+        Ok(FakeQuantLinear {
+            dequantized: FpLinear::new(w, fp.out_features(), k, fp.bias().map(<[f32]>::to_vec))?,
+            act,
+        })
+    }
+}
+
+impl Linear for FakeQuantLinear {
+    fn in_features(&self) -> usize {
+        self.dequantized.in_features()
+    }
+    fn out_features(&self) -> usize {
+        self.dequantized.out_features()
+    }
+    fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        check_forward_shapes(self, x, m, y)?;
+        let k = self.in_features();
+        let mut q = vec![0i8; x.len()];
+        let mut scales = vec![0.0f32; m.max(1)];
+        let xs = quantize_input(self.act, x, m, k, &mut q, &mut scales)?;
+        let xd: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                v as f32
+                    * match xs {
+                        ActScales::PerToken(s) => s[i / k],
+                        ActScales::PerTensor(s) => s,
+                    }
+            })
+            .collect();
+        self.dequantized.forward(&xd, m, y)
+    }
+    fn weight_bytes(&self) -> usize {
+        self.dequantized.weight_bytes()
+    }
+    fn kind(&self) -> String {
+        format!("fake-quant (acts {})", self.act.name())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

@@ -1,0 +1,158 @@
+//! Writing a W8A8 checkpoint in smoothquant-rs' native layout (read back by
+//! `sq_model::native::load_native`).
+
+use crate::{Recipe, Result, SmoothError};
+use sq_calib::StatsTable;
+use sq_model::quant::quantize_weight;
+use sq_model::{Linear, Model, WeightGranularity};
+use sq_tensor::atomic::AtomicDir;
+use sq_tensor::{save_safetensors, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What the checkpoint records about how it was made.
+#[derive(Clone, Debug)]
+pub struct ExportInfo {
+    /// `naive` or `smoothquant`.
+    pub scheme: String,
+    pub recipe: Recipe,
+    /// Free-form record: alpha, per-group alphas, smooth targets, calibration settings.
+    pub record: serde_json::Map<String, serde_json::Value>,
+    /// Whether generation should start with BOS.
+    pub add_bos: bool,
+    /// The tokenizer.json content.
+    pub tokenizer_json: String,
+    /// Files copied beside it (e.g. tokenizer_config.json of a Hugging Face input).
+    pub extra_files: Vec<std::path::PathBuf>,
+}
+
+fn tensor(data: &[f32], shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_slice(data, shape)?)
+}
+
+/// Quantize `model` (FP; already smoothed for SmoothQuant) with `info.recipe` and write the
+/// checkpoint to `out` atomically. `stats` must describe the model as it is (static scales read
+/// them). A non-empty `out` is replaced only with `overwrite`.
+pub fn save_native(
+    model: &Model,
+    hf_config: &serde_json::Value,
+    stats: Option<&StatsTable>,
+    info: &ExportInfo,
+    out: &Path,
+    overwrite: bool,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let e = &model.embed;
+    tensors.push((
+        format!("{}.weight", e.name),
+        tensor(&e.weight, &[e.weight.len() / e.dim, e.dim])?,
+    ));
+    if let Some(p) = &model.pos_embed {
+        tensors.push((
+            format!("{}.weight", p.name),
+            tensor(&p.weight, &[p.weight.len() / p.dim, p.dim])?,
+        ));
+    }
+    for norm in model.norms() {
+        let n = norm.weight.len();
+        tensors.push((format!("{}.weight", norm.name), tensor(&norm.weight, &[n])?));
+        if let Some(b) = &norm.bias {
+            tensors.push((format!("{}.bias", norm.name), tensor(b, &[n])?));
+        }
+    }
+    let fp_linears = model.project_in.iter().chain(model.project_out.iter());
+    let lm_head = (!model.config.tie_word_embeddings).then_some(&model.lm_head);
+    for l in fp_linears.chain(lm_head) {
+        let fp = l
+            .as_fp()
+            .ok_or_else(|| SmoothError::Config(format!("`{}` must stay full precision", l.name)))?;
+        tensors.push((
+            format!("{}.weight", l.name),
+            tensor(&fp.weight(), &[fp.out_features(), fp.in_features()])?,
+        ));
+        if let Some(b) = fp.bias() {
+            tensors.push((format!("{}.bias", l.name), tensor(b, &[b.len()])?));
+        }
+    }
+    let mut count = 0;
+    for block in &model.layers {
+        for l in block.linears() {
+            let fp = l.as_fp().ok_or_else(|| {
+                SmoothError::Config(format!(
+                    "`{}` is already quantized; export starts from the FP model",
+                    l.name
+                ))
+            })?;
+            let (n, k) = (fp.out_features(), fp.in_features());
+            let (w_q, scales) = quantize_weight(fp, info.recipe.weights)?;
+            tensors.push((
+                format!("{}.weight", l.name),
+                Tensor::from_vec(w_q, &[n, k])?,
+            ));
+            let scale = match scales {
+                sq_kernels::WeightScales::PerChannel(s) => Tensor::from_vec(s, &[n])?,
+                sq_kernels::WeightScales::PerTensor(s) => Tensor::from_vec(vec![s], &[1])?,
+            };
+            tensors.push((format!("{}.weight_scale", l.name), scale));
+            if let Some(b) = fp.bias() {
+                tensors.push((format!("{}.bias", l.name), tensor(b, &[n])?));
+            }
+            if let sq_model::ActQuant::Static { scale } = info.recipe.act_quant(&l.name, stats)? {
+                tensors.push((
+                    format!("{}.input_scale", l.name),
+                    Tensor::from_vec(vec![scale], &[1])?,
+                ));
+            }
+            count += 1;
+        }
+    }
+    let mut qc = serde_json::Map::new();
+    qc.insert("quant_method".into(), sq_model::native::QUANT_METHOD.into());
+    qc.insert("format".into(), "native".into());
+    qc.insert("version".into(), 1.into());
+    qc.insert("scheme".into(), info.scheme.clone().into());
+    qc.insert(
+        "weights".into(),
+        match info.recipe.weights {
+            WeightGranularity::Channel => "channel",
+            WeightGranularity::Tensor => "tensor",
+        }
+        .into(),
+    );
+    qc.insert("acts".into(), info.recipe.acts.name().into());
+    qc.insert("add_bos".into(), info.add_bos.into());
+    qc.insert("quantized_linears".into(), count.into());
+    for (k, v) in &info.record {
+        qc.entry(k.clone()).or_insert(v.clone());
+    }
+    let mut config = hf_config.clone();
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| SmoothError::Config("the model's config is not a JSON object".into()))?;
+    obj.insert("quantization_config".into(), serde_json::Value::Object(qc));
+    obj.insert("torch_dtype".into(), "float32".into());
+
+    let dir = AtomicDir::create(out, overwrite)?;
+    let meta = BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (
+            "producer".to_string(),
+            format!("smoothquant-rs {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ]);
+    save_safetensors(dir.path().join("model.safetensors"), &tensors, Some(&meta))?;
+    let io = |p: &Path, e: std::io::Error| SmoothError::Config(format!("{}: {e}", p.display()));
+    let cfg_path = dir.path().join("config.json");
+    let text =
+        serde_json::to_string_pretty(&config).map_err(|e| SmoothError::Config(e.to_string()))?;
+    std::fs::write(&cfg_path, text + "\n").map_err(|e| io(&cfg_path, e))?;
+    let tok_path = dir.path().join("tokenizer.json");
+    std::fs::write(&tok_path, &info.tokenizer_json).map_err(|e| io(&tok_path, e))?;
+    for f in &info.extra_files {
+        if let Some(name) = f.file_name() {
+            std::fs::copy(f, dir.path().join(name)).map_err(|e| io(f, e))?;
+        }
+    }
+    dir.commit()?;
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! Native W8A8 checkpoints: write, reload, run INT8 with exactly the in-memory results.
+
+use sq_calib::{calibrate, CalibConfig};
+use sq_model::{load, load_hf_dir, Logits, Model};
+use sq_smooth::{
+    paper_groups, quantize_model, save_native, smooth_model, AlphaSpec, ExportInfo, Recipe,
+};
+use std::path::PathBuf;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/hf"
+    ))
+    .join(name)
+}
+
+fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut session = model.session(ids.len());
+    let mut out = Vec::new();
+    model
+        .forward(ids, &mut session, Logits::All, &mut out)
+        .unwrap();
+    out
+}
+
+#[test]
+fn native_checkpoints_reload_bit_identically() {
+    let backend = sq_kernels::select_backend().unwrap();
+    let cases = [
+        ("llama-gqa", Recipe::CHANNEL_TOKEN, true),
+        ("opt-prenorm", Recipe::O3, true),
+        ("bloom", Recipe::O2, true),
+        ("llama-tied-bf16", Recipe::O1, true),
+        ("opt-postnorm", Recipe::O3, false),
+    ];
+    for (name, recipe, smooth) in cases {
+        let mut fp = load_hf_dir(&fixture(name)).unwrap();
+        let mut ids = fp
+            .tokenizer
+            .encode(
+                "The game began development in 2010 , carrying over a large portion of the work",
+            )
+            .unwrap();
+        ids.truncate(48);
+        let mut stats = calibrate(
+            &mut fp.model,
+            &ids,
+            &CalibConfig {
+                samples: 1,
+                seq_len: 48,
+                seed: 0,
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        if smooth {
+            let groups = paper_groups(&fp.model).unwrap();
+            smooth_model(&mut fp.model, &groups, &mut stats, &AlphaSpec::Global(0.6)).unwrap();
+        }
+        let info = ExportInfo {
+            scheme: if smooth { "smoothquant" } else { "naive" }.into(),
+            recipe,
+            record: serde_json::Map::from_iter([("alpha".to_string(), serde_json::json!(0.6))]),
+            add_bos: false,
+            tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
+            extra_files: vec![],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("w8a8");
+        save_native(&fp.model, &fp.hf_config, Some(&stats), &info, &out, false).unwrap();
+        // Deterministic bytes; refusing to overwrite without permission.
+        let first = std::fs::read(out.join("model.safetensors")).unwrap();
+        assert!(save_native(&fp.model, &fp.hf_config, Some(&stats), &info, &out, false).is_err());
+        save_native(&fp.model, &fp.hf_config, Some(&stats), &info, &out, true).unwrap();
+        assert!(
+            first == std::fs::read(out.join("model.safetensors")).unwrap(),
+            "{name}: re-export differs"
+        );
+
+        let reloaded = load(Some(&out), None).unwrap();
+        let qc = reloaded
+            .quantization
+            .as_ref()
+            .expect("recognised as a quantized checkpoint");
+        assert_eq!(qc.scheme, info.scheme);
+        assert_eq!(qc.acts, recipe.acts.name());
+        assert!(reloaded.model.layers[0]
+            .linears()
+            .iter()
+            .all(|l| l.linear.kind().starts_with("w8a8")));
+        assert_eq!(
+            reloaded.tokenizer.encode("hello world").unwrap(),
+            fp.tokenizer.encode("hello world").unwrap()
+        );
+
+        quantize_model(&mut fp.model, &recipe, Some(&stats), backend.clone()).unwrap();
+        assert_eq!(
+            logits(&reloaded.model, &ids),
+            logits(&fp.model, &ids),
+            "{name}: reloaded INT8 differs"
+        );
+        assert_eq!(reloaded.model.weight_bytes(), fp.model.weight_bytes());
+    }
+}
+
+#[test]
+fn corrupted_quantized_checkpoints_are_named_errors() {
+    let mut fp = load_hf_dir(&fixture("llama-gqa")).unwrap();
+    let ids = fp
+        .tokenizer
+        .encode("The game began development in 2010")
+        .unwrap();
+    let stats = calibrate(
+        &mut fp.model,
+        &ids,
+        &CalibConfig {
+            samples: 1,
+            seq_len: 16,
+            seed: 0,
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    let info = ExportInfo {
+        scheme: "naive".into(),
+        recipe: Recipe::O3,
+        record: Default::default(),
+        add_bos: false,
+        tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
+        extra_files: vec![],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q");
+    save_native(&fp.model, &fp.hf_config, Some(&stats), &info, &out, false).unwrap();
+    let cfg_path = out.join("config.json");
+    let original = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(
+        &cfg_path,
+        original.replace("\"acts\": \"static\"", "\"acts\": \"sometimes\""),
+    )
+    .unwrap();
+    let err = load(Some(&out), None).unwrap_err();
+    assert!(err.to_string().contains("sometimes"), "{err}");
+    std::fs::write(
+        &cfg_path,
+        original.replace("\"weights\": \"tensor\"", "\"weights\": \"channel\""),
+    )
+    .unwrap();
+    let err = load(Some(&out), None).unwrap_err();
+    assert!(err.to_string().contains("weight_scale"), "{err}");
+}

@@ -1,0 +1,207 @@
+//! The W8A8 model on the INT8 GEMM against the f32 fake-quant oracle, and SmoothQuant against
+//! naive W8A8 on fixtures with outlier channels.
+
+use sq_calib::{calibrate, CalibConfig, StatsTable};
+use sq_model::{load_hf_dir, LoadedModel, Logits, Model};
+use sq_smooth::{
+    fake_quantize_model, paper_groups, quantize_model, smooth_model, AlphaSpec, Recipe,
+};
+use std::path::PathBuf;
+
+fn fixture(name: &str) -> LoadedModel {
+    load_hf_dir(
+        &PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/hf"
+        ))
+        .join(name),
+    )
+    .unwrap()
+}
+
+const TEXT: &str = "Robert Boulter is an English film , television and theatre actor . He had a guest \
+    starring role on the television series The Bill in 2000 . This was followed by a starring role in the play \
+    Herons written by Simon Stephens , which was performed in 2001 at the Royal Court Theatre .";
+
+fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut session = model.session(ids.len());
+    let mut out = Vec::new();
+    model
+        .forward(ids, &mut session, Logits::All, &mut out)
+        .unwrap();
+    out
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+fn mean_abs_err(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
+}
+
+fn prepared(name: &str) -> (LoadedModel, Vec<u32>, StatsTable) {
+    let mut loaded = fixture(name);
+    let mut ids = loaded.tokenizer.encode(TEXT).unwrap();
+    ids.truncate(96);
+    let stats = calibrate(
+        &mut loaded.model,
+        &ids,
+        &CalibConfig {
+            samples: 1,
+            seq_len: 96,
+            seed: 0,
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    (loaded, ids, stats)
+}
+
+const RECIPES: [Recipe; 4] = [Recipe::CHANNEL_TOKEN, Recipe::O1, Recipe::O2, Recipe::O3];
+
+#[test]
+fn int8_model_equals_the_fake_quant_oracle() {
+    let backend = sq_kernels::select_backend().unwrap();
+    for name in ["llama-gqa", "opt-prenorm", "bloom", "qwen2-bias"] {
+        for recipe in RECIPES {
+            let (mut int8, ids, stats) = prepared(name);
+            let (mut fake, _, _) = prepared(name);
+            let n =
+                quantize_model(&mut int8.model, &recipe, Some(&stats), backend.clone()).unwrap();
+            assert_eq!(
+                n,
+                int8.model
+                    .layers
+                    .iter()
+                    .map(|b| b.linears().len())
+                    .sum::<usize>()
+            );
+            fake_quantize_model(&mut fake.model, &recipe, Some(&stats)).unwrap();
+            let (a, b) = (logits(&int8.model, &ids), logits(&fake.model, &ids));
+            // Each Linear matches its oracle to float rounding (next test); through the whole model
+            // an activation that lands within rounding of a quantization boundary can round the
+            // other way in a later layer, so the model-level check bounds the effect of such flips.
+            let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let e = rel_err(&a, &b);
+            assert!(
+                e < 5e-2,
+                "{name} {recipe:?}: INT8 vs fake-quant relative error {e}"
+            );
+            let mean = mean_abs_err(&a, &b) / scale;
+            assert!(mean < 1e-3, "{name} {recipe:?}: mean error {mean}");
+            let vocab = int8.model.config.vocab_size;
+            let agree = a
+                .chunks(vocab)
+                .zip(b.chunks(vocab))
+                .filter(|(x, y)| sq_model::generate::argmax(x) == sq_model::generate::argmax(y))
+                .count();
+            assert!(
+                agree * 100 >= ids.len() * 95,
+                "{name} {recipe:?}: argmax agrees at {agree}/{}",
+                ids.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn smoothquant_beats_naive_w8a8_on_outlier_channels() {
+    let backend = sq_kernels::select_backend().unwrap();
+    for name in ["llama-gqa", "opt-prenorm", "bloom"] {
+        let (fp, ids, _) = prepared(name);
+        let reference = logits(&fp.model, &ids);
+        for recipe in [Recipe::O2, Recipe::O3] {
+            let (mut naive, _, stats) = prepared(name);
+            quantize_model(&mut naive.model, &recipe, Some(&stats), backend.clone()).unwrap();
+            let naive_err = mean_abs_err(&logits(&naive.model, &ids), &reference);
+
+            let (mut sq, _, mut stats) = prepared(name);
+            let groups = paper_groups(&sq.model).unwrap();
+            smooth_model(&mut sq.model, &groups, &mut stats, &AlphaSpec::Global(0.5)).unwrap();
+            quantize_model(&mut sq.model, &recipe, Some(&stats), backend.clone()).unwrap();
+            let sq_err = mean_abs_err(&logits(&sq.model, &ids), &reference);
+            assert!(
+                sq_err < naive_err,
+                "{name} {recipe:?}: smoothquant {sq_err} vs naive {naive_err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn w8a8_model_is_smaller_and_static_needs_stats() {
+    let backend = sq_kernels::select_backend().unwrap();
+    let (mut loaded, _, _) = prepared("llama-gqa");
+    let fp_linear_bytes: usize = loaded
+        .model
+        .layers
+        .iter()
+        .flat_map(|b| b.linears())
+        .map(|l| l.linear.weight_bytes())
+        .sum();
+    quantize_model(
+        &mut loaded.model,
+        &Recipe::CHANNEL_TOKEN,
+        None,
+        backend.clone(),
+    )
+    .unwrap();
+    let q_bytes: usize = loaded
+        .model
+        .layers
+        .iter()
+        .flat_map(|b| b.linears())
+        .map(|l| l.linear.weight_bytes())
+        .sum();
+    assert!(
+        q_bytes * 3 < fp_linear_bytes,
+        "{q_bytes} vs {fp_linear_bytes}"
+    );
+    let (mut loaded, _, _) = prepared("llama-gqa");
+    let err = quantize_model(&mut loaded.model, &Recipe::O3, None, backend).unwrap_err();
+    assert!(err.to_string().contains("static"), "{err}");
+}
+
+/// Each INT8 Linear equals its fake-quant twin on the same input, to float rounding.
+#[test]
+fn every_int8_linear_equals_its_oracle_on_the_same_input() {
+    use sq_model::{ActQuant, FakeQuantLinear, Int8Linear, Linear, WeightGranularity};
+    let backend = sq_kernels::select_backend().unwrap();
+    for name in ["llama-gqa", "opt-prenorm", "bloom", "qwen2-bias"] {
+        let (loaded, _, stats) = prepared(name);
+        for l in loaded.model.layers.iter().flat_map(|b| b.linears()) {
+            let fp = l.as_fp().unwrap();
+            let k = fp.in_features();
+            let m = 7;
+            // Inputs with an outlier channel, like the real activations.
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| {
+                    ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0
+                        + if i % k == 3 { 25.0 } else { 0.0 }
+                })
+                .collect();
+            for weights in [WeightGranularity::Channel, WeightGranularity::Tensor] {
+                let statics = ActQuant::Static {
+                    scale: stats.get(&l.name).unwrap().tensor_absmax().max(26.0) / 127.0,
+                };
+                for act in [ActQuant::Token, ActQuant::Tensor, statics] {
+                    let a = Int8Linear::from_fp(fp, weights, act, backend.clone()).unwrap();
+                    let b = FakeQuantLinear::from_fp(fp, weights, act).unwrap();
+                    let (mut ya, mut yb) = (
+                        vec![0.0; m * fp.out_features()],
+                        vec![0.0; m * fp.out_features()],
+                    );
+                    a.forward(&x, m, &mut ya).unwrap();
+                    b.forward(&x, m, &mut yb).unwrap();
+                    let e = rel_err(&ya, &yb);
+                    assert!(e < 1e-5, "{} {weights:?} {act:?}: {e}", l.name);
+                }
+            }
+        }
+    }
+}
