@@ -29,9 +29,11 @@
 //! ```
 
 mod calibrate;
+mod sample;
 mod stats;
 
 pub use calibrate::{calibrate, calibration_windows, CalibConfig, StatsObserver};
+pub use sample::{sample_inputs, InputSample};
 pub use stats::{ActStats, StatsTable, TENSOR_ABSMAX_SUFFIX};
 
 use std::path::PathBuf;

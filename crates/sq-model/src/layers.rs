@@ -283,3 +283,147 @@ pub fn attention(
             });
         });
 }
+
+/// Below this many query rows, [`attention`] runs its row loop; above, the per-head GEMM path.
+pub const GEMM_ATTENTION_MIN_ROWS: usize = 16;
+
+/// Causal attention for a prefill chunk on the f32 GEMM: per head, `S = scale · Q Kᵀ` and
+/// `O = softmax(S) V` as two strided GEMMs (heads in parallel), with the same masking, ALiBi and
+/// sliding window as [`attention`]. Scratch is per call (prefill, not per decoded token).
+pub fn attention_gemm(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: &AttentionShape,
+    alibi: Option<&[f32]>,
+    out: &mut [f32],
+) -> crate::Result<()> {
+    use sq_kernels::{sgemm_serial, MatMut, MatRef, Transpose};
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+        pos0,
+        scale,
+        sliding_window,
+    } = *shape;
+    let q_width = heads * head_dim;
+    let kv_width = kv_heads * head_dim;
+    let group = heads / kv_heads;
+    let t = q.len() / q_width;
+    let n_keys = pos0 + t;
+    let head_outputs: Vec<crate::Result<Vec<f32>>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let kvh = h / group;
+            let mut scores = vec![0.0f32; t * n_keys];
+            let qv = MatRef {
+                data: &q[h * head_dim..],
+                rows: t,
+                cols: head_dim,
+                row_stride: q_width,
+            };
+            let kv = MatRef {
+                data: &keys[kvh * head_dim..],
+                rows: n_keys,
+                cols: head_dim,
+                row_stride: kv_width,
+            };
+            sgemm_serial(
+                scale,
+                qv,
+                kv,
+                Transpose::Yes,
+                0.0,
+                MatMut::new(&mut scores, t, n_keys),
+            )?;
+            for (i, row) in scores.chunks_exact_mut(n_keys).enumerate() {
+                let pos = pos0 + i;
+                let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                if let Some(slopes) = alibi {
+                    for (j, s) in row.iter_mut().enumerate().take(pos + 1).skip(first) {
+                        *s += slopes[h] * j as f32;
+                    }
+                }
+                let valid = &mut row[first..=pos];
+                let max = valid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for s in valid.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                for s in valid.iter_mut() {
+                    *s *= inv;
+                }
+                row[..first].fill(0.0);
+                row[pos + 1..].fill(0.0);
+            }
+            let mut o = vec![0.0f32; t * head_dim];
+            let vv = MatRef {
+                data: &values[kvh * head_dim..],
+                rows: n_keys,
+                cols: head_dim,
+                row_stride: kv_width,
+            };
+            sgemm_serial(
+                1.0,
+                MatRef::new(&scores, t, n_keys),
+                vv,
+                Transpose::No,
+                0.0,
+                MatMut::new(&mut o, t, head_dim),
+            )?;
+            Ok(o)
+        })
+        .collect();
+    for (h, o) in head_outputs.into_iter().enumerate() {
+        let o = o?;
+        for (row, src) in out.chunks_exact_mut(q_width).zip(o.chunks_exact(head_dim)) {
+            row[h * head_dim..(h + 1) * head_dim].copy_from_slice(src);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_attention_equals_the_row_loop() {
+        let (heads, kv_heads, hd) = (6, 2, 8);
+        for (pos0, t, window, with_alibi) in [
+            (0, 20, None, false),
+            (5, 17, Some(7), false),
+            (3, 33, None, true),
+            (0, 16, Some(4), true),
+        ] {
+            let n = pos0 + t;
+            let val = |i: usize| ((i * 2654435761) % 1000) as f32 / 250.0 - 2.0;
+            let q: Vec<f32> = (0..t * heads * hd).map(val).collect();
+            let keys: Vec<f32> = (0..n * kv_heads * hd).map(|i| val(i + 7)).collect();
+            let values: Vec<f32> = (0..n * kv_heads * hd).map(|i| val(i + 13)).collect();
+            let slopes = crate::config::alibi_slopes(heads);
+            let alibi = with_alibi.then_some(slopes.as_slice());
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                pos0,
+                scale: 0.35,
+                sliding_window: window,
+            };
+            let mut a = vec![0.0; t * heads * hd];
+            let mut b = vec![0.0; t * heads * hd];
+            attention(&q, &keys, &values, &shape, alibi, &mut a);
+            attention_gemm(&q, &keys, &values, &shape, alibi, &mut b).unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() < 1e-5,
+                    "pos0 {pos0} t {t} window {window:?} alibi {with_alibi}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}

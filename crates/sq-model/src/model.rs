@@ -2,7 +2,10 @@
 //! configs and tensor names into these structures.
 
 use crate::config::{Activation, Architecture, ModelConfig, PositionEncoding};
-use crate::layers::{activate, apply_rope, attention, AttentionShape, KvCache, Norm};
+use crate::layers::{
+    activate, apply_rope, attention, attention_gemm, AttentionShape, KvCache, Norm,
+    GEMM_ATTENTION_MIN_ROWS,
+};
 use crate::linear::NamedLinear;
 use crate::{ModelError, Result};
 
@@ -408,7 +411,11 @@ impl Model {
             scale,
             sliding_window: cfg.sliding_window,
         };
-        attention(q, keys, values, &shape, alibi, attn);
+        if t >= GEMM_ATTENTION_MIN_ROWS {
+            attention_gemm(q, keys, values, &shape, alibi, attn)?;
+        } else {
+            attention(q, keys, values, &shape, alibi, attn);
+        }
         let proj = grow(&mut b.proj, t * h);
         block.o_proj.forward(attn, t, proj)?;
         let hidden = &mut b.hidden[..t * h];

@@ -34,6 +34,7 @@ mod export;
 mod fold;
 mod groups;
 mod quantize;
+mod search;
 
 pub use export::{save_native, ExportInfo};
 pub use fold::{smooth_model, AlphaSpec, GroupResult};
@@ -41,6 +42,7 @@ pub use groups::{
     paper_groups, paper_specs, GroupSpec, SmoothGroup, BLOOM_PAPER, LLAMA_PAPER, OPT_PAPER,
 };
 pub use quantize::{fake_quantize_model, quantize_model, ActPolicy, Recipe};
+pub use search::{default_grid, search_alphas, AlphaChoice};
 
 /// Smallest smoothing scale and smallest weight range, as in the official code.
 pub const MIN_SCALE: f32 = 1e-5;

@@ -205,3 +205,63 @@ fn every_int8_linear_equals_its_oracle_on_the_same_input() {
         }
     }
 }
+
+#[test]
+fn alpha_search_picks_per_group_strengths_that_beat_naive() {
+    use sq_smooth::{default_grid, search_alphas};
+    let backend = sq_kernels::select_backend().unwrap();
+    let grid = default_grid();
+    assert_eq!(grid.len(), 21);
+    assert_eq!(grid[9], 0.45);
+    for name in ["llama-gqa", "opt-prenorm", "bloom"] {
+        let (fp, ids, _) = prepared(name);
+        let reference = logits(&fp.model, &ids);
+        let (mut loaded, _, mut stats) = prepared(name);
+        let groups = paper_groups(&loaded.model).unwrap();
+        let names: Vec<String> = groups.iter().map(|g| g.name().to_string()).collect();
+        let cfg = CalibConfig {
+            samples: 1,
+            seq_len: 96,
+            seed: 0,
+        };
+        let samples =
+            sq_calib::sample_inputs(&mut loaded.model, &ids, &cfg, &names, 64, 1).unwrap();
+        assert!(samples.values().all(|s| s.rows == 64));
+        let choices = search_alphas(
+            &loaded.model,
+            &groups,
+            &stats,
+            &samples,
+            &Recipe::O3,
+            &grid,
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(choices.len(), groups.len());
+        for c in &choices {
+            assert!(grid.contains(&c.alpha));
+            assert!(c.error <= c.error_at_half, "{name} {}: {c:?}", c.group);
+        }
+        let spec = AlphaSpec::PerGroup {
+            default: 0.5,
+            groups: choices.iter().map(|c| (c.group.clone(), c.alpha)).collect(),
+        };
+        smooth_model(&mut loaded.model, &groups, &mut stats, &spec).unwrap();
+        quantize_model(
+            &mut loaded.model,
+            &Recipe::O3,
+            Some(&stats),
+            backend.clone(),
+        )
+        .unwrap();
+        let auto_err = mean_abs_err(&logits(&loaded.model, &ids), &reference);
+
+        let (mut naive, _, stats) = prepared(name);
+        quantize_model(&mut naive.model, &Recipe::O3, Some(&stats), backend.clone()).unwrap();
+        let naive_err = mean_abs_err(&logits(&naive.model, &ids), &reference);
+        assert!(
+            auto_err < naive_err,
+            "{name}: auto {auto_err} vs naive {naive_err}"
+        );
+    }
+}

@@ -39,8 +39,21 @@ pub fn run(a: EvalArgs) -> Result<()> {
             super::pipeline::scheme_fields_for(*scheme, &a.quant, loaded.quantization.as_ref())?;
         row.insert("perplexity".into(), p.perplexity.into());
         row.insert("model_bytes".into(), loaded.model.weight_bytes().into());
-        if *scheme == Scheme::SmoothQuant {
+        if *scheme == Scheme::SmoothQuant && loaded.quantization.is_none() {
             row.insert("smoothed_groups".into(), built.smoothing.len().into());
+            if super::pipeline::is_auto(&a.quant) {
+                let alphas: serde_json::Map<String, serde_json::Value> = built
+                    .smoothing
+                    .iter()
+                    .map(|g| {
+                        (
+                            g.group.name().to_string(),
+                            super::pipeline::f32_json(g.alpha),
+                        )
+                    })
+                    .collect();
+                row.insert("alphas".into(), alphas.into());
+            }
         }
         results.push(serde_json::Value::Object(row));
         summary = Some(p);

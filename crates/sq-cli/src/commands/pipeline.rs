@@ -29,11 +29,20 @@ pub fn recipe(q: &QuantArgs) -> Recipe {
     }
 }
 
-/// `--alpha`: a number in [0, 1], or a JSON file of per-group values.
+/// Whether `--alpha auto` was asked for.
+pub fn is_auto(q: &QuantArgs) -> bool {
+    q.alpha.trim() == "auto"
+}
+
+/// `--alpha`: a number in [0, 1], or a JSON file of per-group values (`auto` is resolved by
+/// [`auto_alpha`] on the model).
 pub fn alpha(q: &QuantArgs) -> Result<AlphaSpec> {
     let text = q.alpha.trim();
     if text == "auto" {
-        bail!("--alpha auto (the per-group search) is not in this build yet; give a number in [0, 1] or a JSON file");
+        if q.calib.calib_data.is_none() {
+            bail!("--alpha auto searches each group on real calibration inputs: it needs --calib-data FILE (statistics alone are not enough)");
+        }
+        return Ok(AlphaSpec::Global(0.5));
     }
     if let Ok(v) = text.parse::<f32>() {
         if !(0.0..=1.0).contains(&v) {
@@ -101,6 +110,54 @@ pub fn statistics(model: &ModelArgs, q: &QuantArgs, show: bool) -> Result<StatsT
     Ok(stats)
 }
 
+/// Resolve `--alpha auto`: sample each group's inputs on calibration windows of the FP model and
+/// search the α grid per group for the recipe's quantization.
+pub fn auto_alpha(
+    loaded: &mut LoadedModel,
+    groups: &[sq_smooth::SmoothGroup],
+    stats: &StatsTable,
+    recipe: &Recipe,
+    q: &QuantArgs,
+    show: bool,
+) -> Result<AlphaSpec> {
+    let data = q
+        .calib
+        .calib_data
+        .as_ref()
+        .context("--alpha auto needs --calib-data")?;
+    let tokens = loaded
+        .tokenizer
+        .encode(&read_text(data, "calibration data (--calib-data)")?)?;
+    let cfg = CalibConfig {
+        samples: q.calib.calib_samples.min(16),
+        seq_len: q
+            .calib
+            .calib_seq_len
+            .min(loaded.model.config.max_position_embeddings),
+        seed: q.calib.seed,
+    };
+    let names: Vec<String> = groups.iter().map(|g| g.name().to_string()).collect();
+    let samples = sq_calib::sample_inputs(&mut loaded.model, &tokens, &cfg, &names, 512, 4)?;
+    let pb = bar(groups.len() as u64, "alpha search", show);
+    let choices = sq_smooth::search_alphas(
+        &loaded.model,
+        groups,
+        stats,
+        &samples,
+        recipe,
+        &sq_smooth::default_grid(),
+        |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    for c in &choices {
+        tracing::info!(group = %c.group, alpha = c.alpha, error = c.error, error_at_half = c.error_at_half, "alpha search");
+    }
+    Ok(AlphaSpec::PerGroup {
+        default: 0.5,
+        groups: choices.into_iter().map(|c| (c.group, c.alpha)).collect(),
+    })
+}
+
 /// What was done to build a scheme's model, for reports.
 pub struct Built {
     pub loaded: LoadedModel,
@@ -132,7 +189,12 @@ pub fn build(
             bail!("--smooth-targets all (smoothing every Linear input) is not in this build yet; use --smooth-targets paper");
         }
         let groups = paper_groups(&loaded.model)?;
-        smoothing = smooth_model(&mut loaded.model, &groups, &mut stats, &alpha(q)?)?;
+        let spec = if is_auto(q) {
+            auto_alpha(&mut loaded, &groups, &stats, &recipe, q, show)?
+        } else {
+            alpha(q)?
+        };
+        smoothing = smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?;
     }
     let backend = sq_kernels::select_backend()?;
     let _span =
@@ -180,6 +242,10 @@ pub fn scheme_fields_for(
     m.insert("weights".into(), w);
     m.insert("acts".into(), a);
     let (alpha, targets) = match scheme {
+        Scheme::SmoothQuant if is_auto(q) => (
+            serde_json::Value::from("auto"),
+            serde_json::Value::from("paper"),
+        ),
         Scheme::SmoothQuant => (alpha_json(&alpha(q)?), serde_json::Value::from("paper")),
         _ => (serde_json::Value::Null, serde_json::Value::Null),
     };

@@ -49,14 +49,26 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             bail!("--smooth-targets all (smoothing every Linear input) is not in this build yet; use --smooth-targets paper");
         }
         let groups = paper_groups(&loaded.model)?;
-        let results = smooth_model(&mut loaded.model, &groups, &mut stats, spec)?;
+        let spec = if super::pipeline::is_auto(&a.quant) {
+            super::pipeline::auto_alpha(&mut loaded, &groups, &stats, &recipe, &a.quant, show)?
+        } else {
+            spec.clone()
+        };
+        let results = smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?;
         for r in &results {
             alphas.insert(
                 r.group.name().to_string(),
                 super::pipeline::f32_json(r.alpha),
             );
         }
-        record.insert("alpha".into(), alpha_json(spec));
+        record.insert(
+            "alpha".into(),
+            if super::pipeline::is_auto(&a.quant) {
+                "auto".into()
+            } else {
+                alpha_json(&spec)
+            },
+        );
         record.insert("alphas".into(), alphas.clone().into());
         record.insert("smooth_targets".into(), "paper".into());
     }
@@ -112,7 +124,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             "scheme": scheme.name(),
             "weights": serde_json::to_value(recipe.weights)?,
             "acts": recipe.acts.name(),
-            "alpha": alpha_spec.as_ref().map(alpha_json),
+            "alpha": if super::pipeline::is_auto(&a.quant) { serde_json::Value::from("auto") } else { alpha_spec.as_ref().map(alpha_json).unwrap_or_default() },
             "alphas": alphas,
             "smooth_targets": alpha_spec.as_ref().map(|_| "paper"),
             "checkpoint_bytes": bytes,
