@@ -420,19 +420,12 @@ impl Model {
         block.o_proj.forward(attn, t, proj)?;
         let hidden = &mut b.hidden[..t * h];
         if cfg.pre_norm {
-            let residual: &[f32] = if cfg.residual_from_norm {
-                &b.normed[..t * h]
-            } else {
-                hidden
-            };
-            let sum: Vec<f32>;
             if cfg.residual_from_norm {
-                sum = residual
-                    .iter()
-                    .zip(proj.iter())
-                    .map(|(a, b)| a + b)
-                    .collect();
-                hidden.copy_from_slice(&sum);
+                // BLOOM's apply_residual_connection_post_layernorm: the residual is the norm output,
+                // still in `normed` (the projections only read it).
+                for ((x, n), p) in hidden.iter_mut().zip(b.normed.iter()).zip(proj.iter()) {
+                    *x = n + p;
+                }
             } else {
                 for (x, p) in hidden.iter_mut().zip(proj.iter()) {
                     *x += p;
