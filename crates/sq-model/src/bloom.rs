@@ -68,16 +68,6 @@ pub fn config(value: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-fn linear(p: &Prefixed<'_>, leaf: &str, out: usize, inp: usize) -> Result<NamedLinear> {
-    let lp = p.pp(leaf);
-    let weight = lp.get("weight", &[out, inp])?;
-    let bias = lp.get_opt("bias", &[out])?;
-    Ok(NamedLinear::new(
-        lp.prefix(),
-        FpLinear::new(weight, out, inp, bias)?,
-    ))
-}
-
 fn layer_norm(p: &Prefixed<'_>, leaf: &str, dim: usize, eps: f32) -> Result<Norm> {
     let np = p.pp(leaf);
     Ok(Norm {
@@ -108,12 +98,12 @@ pub fn build(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model> {
         let mlp = l.pp("mlp");
         layers.push(Block {
             attn_norm: layer_norm(&l, "input_layernorm", h, eps)?,
-            qkv: QkvProj::BloomFused(linear(&a, "query_key_value", 3 * h, h)?),
-            o_proj: linear(&a, "dense", h, h)?,
+            qkv: QkvProj::BloomFused(a.linear("query_key_value", 3 * h, h)?),
+            o_proj: a.linear("dense", h, h)?,
             mlp_norm: layer_norm(&l, "post_attention_layernorm", h, eps)?,
             mlp: Mlp::Plain {
-                fc1: linear(&mlp, "dense_h_to_4h", 4 * h, h)?,
-                fc2: linear(&mlp, "dense_4h_to_h", h, 4 * h)?,
+                fc1: mlp.linear("dense_h_to_4h", 4 * h, h)?,
+                fc2: mlp.linear("dense_4h_to_h", h, 4 * h)?,
             },
         });
     }

@@ -124,16 +124,6 @@ pub fn config(value: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-fn linear(p: &Prefixed<'_>, leaf: &str, out: usize, inp: usize) -> Result<NamedLinear> {
-    let lp = p.pp(leaf);
-    let weight = lp.get("weight", &[out, inp])?;
-    let bias = lp.get_opt("bias", &[out])?;
-    Ok(NamedLinear::new(
-        lp.prefix(),
-        FpLinear::new(weight, out, inp, bias)?,
-    ))
-}
-
 fn rms_norm(p: &Prefixed<'_>, leaf: &str, dim: usize, eps: f32) -> Result<Norm> {
     let np = p.pp(leaf);
     Ok(Norm {
@@ -161,16 +151,16 @@ pub fn build(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model> {
         layers.push(Block {
             attn_norm: rms_norm(&l, "input_layernorm", h, cfg.norm_eps)?,
             qkv: QkvProj::Separate {
-                q: linear(&a, "q_proj", qd, h)?,
-                k: linear(&a, "k_proj", kvd, h)?,
-                v: linear(&a, "v_proj", kvd, h)?,
+                q: a.linear("q_proj", qd, h)?,
+                k: a.linear("k_proj", kvd, h)?,
+                v: a.linear("v_proj", kvd, h)?,
             },
-            o_proj: linear(&a, "o_proj", h, qd)?,
+            o_proj: a.linear("o_proj", h, qd)?,
             mlp_norm: rms_norm(&l, "post_attention_layernorm", h, cfg.norm_eps)?,
             mlp: Mlp::Gated {
-                gate: linear(&mlp, "gate_proj", inter, h)?,
-                up: linear(&mlp, "up_proj", inter, h)?,
-                down: linear(&mlp, "down_proj", h, inter)?,
+                gate: mlp.linear("gate_proj", inter, h)?,
+                up: mlp.linear("up_proj", inter, h)?,
+                down: mlp.linear("down_proj", h, inter)?,
             },
         });
     }

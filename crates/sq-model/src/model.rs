@@ -418,28 +418,31 @@ impl Model {
         }
         let proj = grow(&mut b.proj, t * h);
         block.o_proj.forward(attn, t, proj)?;
+        self.finish_block(&block.attn_norm, t, b);
+        Ok(())
+    }
+
+    /// Add the sub-block's output (`proj`) to the residual stream. Pre-norm: the residual is the
+    /// block input, or the norm output (`normed`, still intact) for BLOOM's
+    /// apply_residual_connection_post_layernorm. Post-norm (OPT-350m): add, then normalize the sum.
+    fn finish_block(&self, norm: &Norm, t: usize, b: &mut Buffers) {
+        let h = self.config.hidden_size;
         let hidden = &mut b.hidden[..t * h];
-        if cfg.pre_norm {
-            if cfg.residual_from_norm {
-                // BLOOM's apply_residual_connection_post_layernorm: the residual is the norm output,
-                // still in `normed` (the projections only read it).
-                for ((x, n), p) in hidden.iter_mut().zip(b.normed.iter()).zip(proj.iter()) {
-                    *x = n + p;
-                }
-            } else {
-                for (x, p) in hidden.iter_mut().zip(proj.iter()) {
-                    *x += p;
-                }
+        let proj = &b.proj[..t * h];
+        if self.config.pre_norm && self.config.residual_from_norm {
+            for ((x, n), p) in hidden.iter_mut().zip(&b.normed[..t * h]).zip(proj) {
+                *x = n + p;
             }
-        } else {
-            for (x, p) in hidden.iter_mut().zip(proj.iter()) {
-                *x += p;
-            }
+            return;
+        }
+        for (x, p) in hidden.iter_mut().zip(proj) {
+            *x += p;
+        }
+        if !self.config.pre_norm {
             let normed = grow(&mut b.normed, t * h);
-            block.attn_norm.forward(hidden, normed);
+            norm.forward(hidden, normed);
             hidden.copy_from_slice(normed);
         }
-        Ok(())
     }
 
     fn mlp_block(&self, block: &Block, t: usize, b: &mut Buffers) -> Result<()> {
@@ -475,25 +478,7 @@ impl Model {
                 fc2.forward(a, t, proj)?;
             }
         }
-        let hidden = &mut b.hidden[..t * h];
-        if cfg.pre_norm {
-            if cfg.residual_from_norm {
-                for ((x, n), p) in hidden.iter_mut().zip(b.normed.iter()).zip(proj.iter()) {
-                    *x = n + p;
-                }
-            } else {
-                for (x, p) in hidden.iter_mut().zip(proj.iter()) {
-                    *x += p;
-                }
-            }
-        } else {
-            for (x, p) in hidden.iter_mut().zip(proj.iter()) {
-                *x += p;
-            }
-            let normed = grow(&mut b.normed, t * h);
-            block.mlp_norm.forward(hidden, normed);
-            hidden.copy_from_slice(normed);
-        }
+        self.finish_block(&block.mlp_norm, t, b);
         Ok(())
     }
 }

@@ -89,16 +89,6 @@ pub fn config(value: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-fn linear(p: &Prefixed<'_>, leaf: &str, out: usize, inp: usize) -> Result<NamedLinear> {
-    let lp = p.pp(leaf);
-    let weight = lp.get("weight", &[out, inp])?;
-    let bias = lp.get_opt("bias", &[out])?;
-    Ok(NamedLinear::new(
-        lp.prefix(),
-        FpLinear::new(weight, out, inp, bias)?,
-    ))
-}
-
 fn layer_norm(p: &Prefixed<'_>, leaf: &str, dim: usize) -> Result<Norm> {
     let np = p.pp(leaf);
     // Without elementwise affine, the norm has unit gamma and no beta (smoothing adds gamma).
@@ -137,8 +127,8 @@ pub fn build(
     let pos_weight = d.get("embed_positions.weight", &[n_pos, h])?;
     let (project_in, project_out) = match cfg.word_embed_proj_dim {
         Some(p) => (
-            Some(linear(&d, "project_in", h, p)?),
-            Some(linear(&d, "project_out", p, h)?),
+            Some(d.linear("project_in", h, p)?),
+            Some(d.linear("project_out", p, h)?),
         ),
         None => (None, None),
     };
@@ -149,15 +139,15 @@ pub fn build(
         layers.push(Block {
             attn_norm: layer_norm(&l, "self_attn_layer_norm", h)?,
             qkv: QkvProj::Separate {
-                q: linear(&a, "q_proj", h, h)?,
-                k: linear(&a, "k_proj", h, h)?,
-                v: linear(&a, "v_proj", h, h)?,
+                q: a.linear("q_proj", h, h)?,
+                k: a.linear("k_proj", h, h)?,
+                v: a.linear("v_proj", h, h)?,
             },
-            o_proj: linear(&a, "out_proj", h, h)?,
+            o_proj: a.linear("out_proj", h, h)?,
             mlp_norm: layer_norm(&l, "final_layer_norm", h)?,
             mlp: Mlp::Plain {
-                fc1: linear(&l, "fc1", ffn, h)?,
-                fc2: linear(&l, "fc2", h, ffn)?,
+                fc1: l.linear("fc1", ffn, h)?,
+                fc2: l.linear("fc2", h, ffn)?,
             },
         });
     }

@@ -1,6 +1,7 @@
 //! Prefix-based weight loading (`w.pp("self_attn").get("q_proj.weight", &[out, in])`), with
 //! shape and finiteness checks that name the tensor and the file.
 
+use crate::linear::{FpLinear, NamedLinear};
 use crate::{ModelError, Result};
 use sq_tensor::{Checkpoint, Tensor};
 use std::collections::BTreeMap;
@@ -99,6 +100,17 @@ impl<'a> Prefixed<'a> {
 
     pub fn path(&self) -> &Path {
         self.source.path()
+    }
+
+    /// The full-precision Linear `prefix.leaf` (`weight` `[out, in]`, optional `bias` `[out]`).
+    pub fn linear(&self, leaf: &str, out: usize, inp: usize) -> Result<NamedLinear> {
+        let lp = self.pp(leaf);
+        let weight = lp.get("weight", &[out, inp])?;
+        let bias = lp.get_opt("bias", &[out])?;
+        Ok(NamedLinear::new(
+            lp.prefix(),
+            FpLinear::new(weight, out, inp, bias)?,
+        ))
     }
 }
 
