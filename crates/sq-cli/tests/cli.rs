@@ -438,3 +438,45 @@ fn quantize_reload_eval_generate() {
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 }
+
+#[test]
+fn inspect_reports_outlier_ratios_before_and_after_smoothing() {
+    let calib = assets().join("calib.txt");
+    let v = json(&run(&[
+        "inspect",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "4",
+        "--calib-seq-len",
+        "128",
+        "--json",
+    ]));
+    let linears = v["linears"].as_array().unwrap();
+    let q0 = linears
+        .iter()
+        .find(|l| l["name"] == "model.layers.0.self_attn.q_proj")
+        .unwrap();
+    let before = q0["act_max_median_ratio"].as_f64().unwrap();
+    let after = q0["act_max_median_ratio_smoothed"].as_f64().unwrap();
+    assert!(before >= 1.0 && after >= 1.0 && after < before, "{q0}");
+    // Inputs outside the paper's groups keep their ratio; the LM head has none.
+    let o0 = linears
+        .iter()
+        .find(|l| l["name"] == "model.layers.0.self_attn.o_proj")
+        .unwrap();
+    assert_eq!(
+        o0["act_max_median_ratio"],
+        o0["act_max_median_ratio_smoothed"]
+    );
+    let head = linears.iter().find(|l| l["name"] == "lm_head").unwrap();
+    assert!(head["act_max_median_ratio"].is_null());
+    let bad = run(&[
+        "inspect",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--alpha",
+        "auto",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+}
