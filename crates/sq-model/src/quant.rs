@@ -75,17 +75,74 @@ pub fn quantize_weight(
     fp: &FpLinear,
     granularity: WeightGranularity,
 ) -> Result<(Vec<i8>, WeightScales)> {
-    let (n, k) = (fp.out_features(), fp.in_features());
+    quantize_weight_values(
+        &fp.weight(),
+        fp.out_features(),
+        fp.in_features(),
+        granularity,
+    )
+}
+
+/// Symmetric INT8 quantization of `w` (`[n, k]` row-major): `(w_q, scales)`.
+pub fn quantize_weight_values(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    granularity: WeightGranularity,
+) -> Result<(Vec<i8>, WeightScales)> {
     Ok(match granularity {
         WeightGranularity::Channel => {
-            let (q, s) = sq_kernels::quantize_weights_per_channel(&fp.weight(), n, k)?;
+            let (q, s) = sq_kernels::quantize_weights_per_channel(w, n, k)?;
             (q, WeightScales::PerChannel(s))
         }
         WeightGranularity::Tensor => {
-            let (q, s) = sq_kernels::quantize_weights_per_tensor(&fp.weight(), n, k)?;
+            let (q, s) = sq_kernels::quantize_weights_per_tensor(w, n, k)?;
             (q, WeightScales::PerTensor(s))
         }
     })
+}
+
+/// The static per-tensor activation scale for a calibrated range `max|x|` (an input that was
+/// always zero quantizes to zero whatever the scale, so the scale only has to be positive).
+pub fn static_scale(absmax: f32) -> f32 {
+    (absmax / 127.0).max(f32::MIN_POSITIVE)
+}
+
+/// `w` quantized to INT8 and back to f32, as the INT8 path sees it (oracle and alpha search).
+pub fn fake_quantize_weight(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    granularity: WeightGranularity,
+) -> Result<Vec<f32>> {
+    let (q, scales) = quantize_weight_values(w, n, k, granularity)?;
+    Ok(q.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            v as f32
+                * match &scales {
+                    WeightScales::PerChannel(s) => s[i / k.max(1)],
+                    WeightScales::PerTensor(s) => *s,
+                }
+        })
+        .collect())
+}
+
+/// `x` (`[m, k]`) quantized with `act` and back to f32, as the INT8 path sees it.
+pub fn fake_quantize_input(act: ActQuant, x: &[f32], m: usize, k: usize) -> Result<Vec<f32>> {
+    let mut q = vec![0i8; x.len()];
+    let mut scales = vec![0.0f32; m.max(1)];
+    let xs = quantize_input(act, x, m, k, &mut q, &mut scales)?;
+    Ok(q.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            v as f32
+                * match xs {
+                    ActScales::PerToken(s) => s[i / k.max(1)],
+                    ActScales::PerTensor(s) => s,
+                }
+        })
+        .collect())
 }
 
 /// A W8A8 Linear running on an INT8 GEMM backend.
@@ -229,21 +286,10 @@ pub struct FakeQuantLinear {
 
 impl FakeQuantLinear {
     pub fn from_fp(fp: &FpLinear, weights: WeightGranularity, act: ActQuant) -> Result<Self> {
-        let (q, scales) = quantize_weight(fp, weights)?;
-        let k = fp.in_features();
-        let w: Vec<f32> = q
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let s = match &scales {
-                    WeightScales::PerChannel(s) => s[i / k],
-                    WeightScales::PerTensor(s) => *s,
-                };
-                v as f32 * s
-            })
-            .collect();
+        let (n, k) = (fp.out_features(), fp.in_features());
+        let w = fake_quantize_weight(&fp.weight(), n, k, weights)?;
         Ok(FakeQuantLinear {
-            dequantized: FpLinear::new(w, fp.out_features(), k, fp.bias().map(<[f32]>::to_vec))?,
+            dequantized: FpLinear::new(w, n, k, fp.bias().map(<[f32]>::to_vec))?,
             act,
         })
     }
@@ -258,21 +304,7 @@ impl Linear for FakeQuantLinear {
     }
     fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         check_forward_shapes(self, x, m, y)?;
-        let k = self.in_features();
-        let mut q = vec![0i8; x.len()];
-        let mut scales = vec![0.0f32; m.max(1)];
-        let xs = quantize_input(self.act, x, m, k, &mut q, &mut scales)?;
-        let xd: Vec<f32> = q
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                v as f32
-                    * match xs {
-                        ActScales::PerToken(s) => s[i / k],
-                        ActScales::PerTensor(s) => s,
-                    }
-            })
-            .collect();
+        let xd = fake_quantize_input(self.act, x, m, self.in_features())?;
         self.dequantized.forward(&xd, m, y)
     }
     fn weight_bytes(&self) -> usize {

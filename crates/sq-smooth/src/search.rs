@@ -6,7 +6,8 @@ use crate::{
     smoothing_scales, weight_absmax_per_input_channel, ActPolicy, Recipe, Result, SmoothError,
 };
 use sq_calib::{InputSample, StatsTable};
-use sq_model::{Linear, Model, WeightGranularity};
+use sq_model::quant::{fake_quantize_input, fake_quantize_weight, static_scale};
+use sq_model::{ActQuant, Linear, Model};
 use std::collections::BTreeMap;
 
 /// The default search grid: 0, 0.05, ..., 1.
@@ -25,61 +26,15 @@ pub struct AlphaChoice {
     pub error_at_half: f64,
 }
 
-fn quantize_dequantize_rows(
-    x: &mut [f32],
-    rows: usize,
-    k: usize,
-    acts: ActPolicy,
-    static_absmax: f32,
-) -> Result<()> {
-    let mut q = vec![0i8; x.len()];
+/// The activation quantizer of `acts`, with the calibrated range for static scales.
+fn act_quant(acts: ActPolicy, static_absmax: f32) -> ActQuant {
     match acts {
-        ActPolicy::Token => {
-            let mut scales = vec![0.0f32; rows];
-            sq_kernels::quantize_per_token(x, rows, k, &mut q, &mut scales)?;
-            for (row, (qr, s)) in x.chunks_exact_mut(k).zip(q.chunks_exact(k).zip(&scales)) {
-                for (v, &qv) in row.iter_mut().zip(qr) {
-                    *v = qv as f32 * s;
-                }
-            }
-        }
-        ActPolicy::Tensor | ActPolicy::Static => {
-            let scale = if acts == ActPolicy::Tensor {
-                sq_kernels::quantize_per_tensor(x, &mut q)?
-            } else {
-                let scale = (static_absmax / 127.0).max(f32::MIN_POSITIVE);
-                sq_kernels::quantize_static(x, scale, &mut q)?;
-                scale
-            };
-            for (v, &qv) in x.iter_mut().zip(&q) {
-                *v = qv as f32 * scale;
-            }
-        }
+        ActPolicy::Token => ActQuant::Token,
+        ActPolicy::Tensor => ActQuant::Tensor,
+        ActPolicy::Static => ActQuant::Static {
+            scale: static_scale(static_absmax),
+        },
     }
-    Ok(())
-}
-
-fn quantize_dequantize_weight(
-    w: &mut [f32],
-    n: usize,
-    k: usize,
-    g: WeightGranularity,
-) -> Result<()> {
-    match g {
-        WeightGranularity::Channel => {
-            let (q, s) = sq_kernels::quantize_weights_per_channel(w, n, k)?;
-            for (i, (v, qv)) in w.iter_mut().zip(q).enumerate() {
-                *v = qv as f32 * s[i / k];
-            }
-        }
-        WeightGranularity::Tensor => {
-            let (q, s) = sq_kernels::quantize_weights_per_tensor(w, n, k)?;
-            for (v, qv) in w.iter_mut().zip(q) {
-                *v = qv as f32 * s;
-            }
-        }
-    }
-    Ok(())
 }
 
 fn matmul(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
@@ -165,7 +120,7 @@ pub fn search_alphas(
                 .zip(&s)
                 .map(|(a, si)| a / si)
                 .fold(0.0f32, f32::max);
-            quantize_dequantize_rows(&mut x, sample.rows, k, recipe.acts, static_absmax)?;
+            let x = fake_quantize_input(act_quant(recipe.acts, static_absmax), &x, sample.rows, k)?;
             let mut err = 0.0f64;
             for ((w, n), y_ref) in weights.iter().zip(&reference) {
                 let mut ws = w.clone();
@@ -174,7 +129,7 @@ pub fn search_alphas(
                         *v *= si;
                     }
                 }
-                quantize_dequantize_weight(&mut ws, *n, k, recipe.weights)?;
+                let ws = fake_quantize_weight(&ws, *n, k, recipe.weights)?;
                 let y = matmul(&x, sample.rows, &ws, *n, k)?;
                 err += y
                     .iter()
