@@ -96,6 +96,15 @@ pub enum SmoothTargets {
     All,
 }
 
+impl From<SmoothTargets> for sq_smooth::SmoothTargets {
+    fn from(t: SmoothTargets) -> Self {
+        match t {
+            SmoothTargets::Paper => sq_smooth::SmoothTargets::Paper,
+            SmoothTargets::All => sq_smooth::SmoothTargets::All,
+        }
+    }
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
     /// smoothquant-rs' own layout (INT8 weights, scales and the recipe)
@@ -151,9 +160,10 @@ pub struct QuantArgs {
     )]
     pub alpha: String,
 
-    /// Which Linear inputs to smooth (`all` arrives with the smooth-every-input work; `paper`
-    /// is the default until then)
-    #[arg(long, value_enum, default_value_t = SmoothTargets::Paper)]
+    /// Which Linear inputs to smooth: `all` also smooths the attention output and last MLP
+    /// projections (folded into the value / up / fc1 rows, or divided at run time); `paper`
+    /// smooths only the Linears after a norm, exactly as the paper and the official code
+    #[arg(long, value_enum, default_value_t = SmoothTargets::All)]
     pub smooth_targets: SmoothTargets,
 
     #[command(flatten)]
@@ -187,6 +197,9 @@ pub struct InspectArgs {
     /// Migration strength used for the "after smoothing" statistics
     #[arg(long, value_name = "VALUE", default_value = "0.5")]
     pub alpha: String,
+    /// Which Linear inputs are smoothed for the "after smoothing" statistics
+    #[arg(long, value_enum, default_value_t = SmoothTargets::All)]
+    pub smooth_targets: SmoothTargets,
     /// Draw the per-channel ranges and per-layer outlier ratios to this PNG
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,

@@ -167,6 +167,7 @@ fn calibrate_then_eval_every_scheme() {
     assert_eq!(rows[1]["alpha"], serde_json::Value::Null);
     assert_eq!(rows[2]["alpha"], 0.5);
     assert_eq!(rows[2]["acts"], "token");
+    assert_eq!(rows[2]["smooth_targets"], "all");
     // W8A8 stays close to fp32 on this model.
     let fp = rows[0]["perplexity"].as_f64().unwrap();
     for r in &rows[1..] {
@@ -382,7 +383,17 @@ fn quantize_reload_eval_generate() {
     ]));
     assert_eq!(v["scheme"], "smoothquant");
     assert_eq!(v["acts"], "static");
-    assert_eq!(v["alphas"].as_object().unwrap().len(), 10);
+    // 5 layers x 4 groups: q/k/v and gate/up after the norms, o_proj and down_proj by rows.
+    assert_eq!(v["alphas"].as_object().unwrap().len(), 20);
+    assert_eq!(v["smooth_targets"], "all");
+    assert_eq!(
+        v["folds"]["model.layers.2.mlp.down_proj"], "rows of up_proj",
+        "{v}"
+    );
+    assert_eq!(
+        v["folds"]["model.layers.0.self_attn.o_proj"],
+        "rows of v_proj"
+    );
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(out.join(f).is_file(), "{f}");
     }
@@ -460,15 +471,49 @@ fn inspect_reports_outlier_ratios_before_and_after_smoothing() {
     let before = q0["act_max_median_ratio"].as_f64().unwrap();
     let after = q0["act_max_median_ratio_smoothed"].as_f64().unwrap();
     assert!(before >= 1.0 && after >= 1.0 && after < before, "{q0}");
-    // Inputs outside the paper's groups keep their ratio; the LM head has none.
-    let o0 = linears
-        .iter()
-        .find(|l| l["name"] == "model.layers.0.self_attn.o_proj")
+    // With the default `--smooth-targets all` the attention output and down projections are
+    // smoothed too; with `paper` their inputs keep their ratio.
+    let ratios = |v: &serde_json::Value, name: &str| {
+        let l = v["linears"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap()
+            .clone();
+        (
+            l["act_max_median_ratio"].as_f64().unwrap(),
+            l["act_max_median_ratio_smoothed"].as_f64().unwrap(),
+        )
+    };
+    for name in [
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.3.mlp.down_proj",
+    ] {
+        let (before, after) = ratios(&v, name);
+        assert_ne!(after, before, "{name}");
+    }
+    // Where the outliers are (the spikiest down_proj input), smoothing flattens them.
+    let (before, after) = (0..5)
+        .map(|i| ratios(&v, &format!("model.layers.{i}.mlp.down_proj")))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
         .unwrap();
-    assert_eq!(
-        o0["act_max_median_ratio"],
-        o0["act_max_median_ratio_smoothed"]
-    );
+    assert!(after < before, "down_proj: {before} -> {after}");
+    let paper = json(&run(&[
+        "inspect",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "4",
+        "--calib-seq-len",
+        "128",
+        "--smooth-targets",
+        "paper",
+        "--json",
+    ]));
+    let (before, after) = ratios(&paper, "model.layers.0.self_attn.o_proj");
+    assert_eq!(before, after);
+    // The LM head has no ratio.
     let head = linears.iter().find(|l| l["name"] == "lm_head").unwrap();
     assert!(head["act_max_median_ratio"].is_null());
     let bad = run(&[

@@ -262,6 +262,90 @@ pub fn quantize_per_tensor(x: &[f32], q: &mut [i8]) -> Result<f32> {
     Ok(scale)
 }
 
+/// Dynamic per-tensor quantization of `x [m, k] · diag(inv_smooth)` (a run-time smoothing
+/// divide, `inv_smooth = 1 / s`) in one pass over the rows; returns the tensor's scale. Equals
+/// multiplying the columns first and then [`quantize_per_tensor`], bit for bit.
+pub fn quantize_per_tensor_smoothed(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    inv_smooth: &[f32],
+    q: &mut [i8],
+) -> Result<f32> {
+    const OP: &str = "quantize_per_tensor_smoothed";
+    check_smoothed_shapes(OP, x, m, k, inv_smooth, q)?;
+    let imp = best_impl();
+    let absmax = x
+        .chunks_exact(k.max(1))
+        .map(|row| absmax_with(imp, row, Some(inv_smooth)))
+        .fold(0.0f32, f32::max);
+    check_finite_absmax(OP, "the tensor", absmax)?;
+    let (scale, inv) = scale_for_absmax(absmax);
+    quantize_smoothed_rows(imp, x, k, inv_smooth, inv, q);
+    Ok(scale)
+}
+
+/// Static quantization of `x [m, k] · diag(inv_smooth)` with a calibrated `scale` (> 0), the
+/// smoothing multiply fused into the quantize pass.
+pub fn quantize_static_smoothed(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    inv_smooth: &[f32],
+    scale: f32,
+    q: &mut [i8],
+) -> Result<()> {
+    const OP: &str = "quantize_static_smoothed";
+    check_smoothed_shapes(OP, x, m, k, inv_smooth, q)?;
+    check_scale(OP, "the static activation scale", scale)?;
+    if scale == 0.0 {
+        return Err(KernelError::InvalidScale {
+            op: OP,
+            what: "the static activation scale (must be positive)",
+            value: scale,
+        });
+    }
+    quantize_smoothed_rows(best_impl(), x, k, inv_smooth, 1.0 / scale, q);
+    Ok(())
+}
+
+fn check_smoothed_shapes(
+    op: &'static str,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    inv_smooth: &[f32],
+    q: &[i8],
+) -> Result<()> {
+    let shape = || format!("[{m}, {k}]");
+    let len = checked_mul(op, m, k)?;
+    check_len(op, "x", shape, len, x.len())?;
+    check_len(op, "q", shape, len, q.len())?;
+    check_len(op, "inv_smooth", || format!("[{k}]"), k, inv_smooth.len())
+}
+
+fn quantize_smoothed_rows(
+    imp: Impl,
+    x: &[f32],
+    k: usize,
+    inv_smooth: &[f32],
+    inv: f32,
+    q: &mut [i8],
+) {
+    if k == 0 {
+        return;
+    }
+    if x.len() >= PARALLEL_ELEMENTS {
+        x.par_chunks(k)
+            .zip(q.par_chunks_mut(k))
+            .for_each(|(x, q)| quantize_row_with(imp, x, Some(inv_smooth), inv, q));
+    } else {
+        x.chunks(k)
+            .zip(q.chunks_mut(k))
+            .for_each(|(x, q)| quantize_row_with(imp, x, Some(inv_smooth), inv, q));
+    }
+}
+
 /// Static quantization with a calibrated `scale` (> 0): `q = requantize(x, 1 / scale)`.
 pub fn quantize_static(x: &[f32], scale: f32, q: &mut [i8]) -> Result<()> {
     const OP: &str = "quantize_static";

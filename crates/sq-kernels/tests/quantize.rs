@@ -7,8 +7,9 @@ use common::Rng;
 use proptest::prelude::*;
 use sq_kernels::quantize::{quantize_per_token_scalar, scalar, scale_for_absmax};
 use sq_kernels::{
-    dequantize_per_row, quantize_per_tensor, quantize_per_token, quantize_per_token_smoothed,
-    quantize_static, quantize_weights_per_channel, quantize_weights_per_tensor, KernelError,
+    dequantize_per_row, quantize_per_tensor, quantize_per_tensor_smoothed, quantize_per_token,
+    quantize_per_token_smoothed, quantize_static, quantize_static_smoothed,
+    quantize_weights_per_channel, quantize_weights_per_tensor, KernelError,
 };
 
 /// `|dequantized - x| <= scale / 2`, with slack for the two f32 roundings involved.
@@ -84,6 +85,32 @@ proptest! {
         prop_assert_eq!(scale.to_bits(), s_ref.to_bits());
         prop_assert_eq!(&q, &q_ref);
         assert_within_half_step(&x, &q, scale);
+    }
+
+    #[test]
+    fn runtime_smoothing_equals_divide_then_quantize((m, k, x) in rows_strategy(), seed in 0u64..1000, scale in 1e-3f32..10.0) {
+        // The run-time smoothing divide is stored as `inv_smooth = 1 / s`; the fused kernels must
+        // equal dividing (multiplying by inv_smooth) first and quantizing the result.
+        let mut rng = Rng::new(seed);
+        let s = rng.f32s(k, 0.05, 50.0);
+        let inv_smooth: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
+        let divided: Vec<f32> = x
+            .chunks(k.max(1))
+            .flat_map(|row| row.iter().zip(&inv_smooth).map(|(v, f)| v * f))
+            .collect();
+        let (mut q, mut q_ref) = (vec![0i8; m * k], vec![0i8; m * k]);
+        let (mut sc, mut sc_ref) = (vec![0f32; m], vec![0f32; m]);
+        quantize_per_token_smoothed(&x, m, k, &inv_smooth, &mut q, &mut sc).unwrap();
+        quantize_per_token(&divided, m, k, &mut q_ref, &mut sc_ref).unwrap();
+        prop_assert_eq!(&q, &q_ref);
+        prop_assert_eq!(&sc, &sc_ref);
+        let t = quantize_per_tensor_smoothed(&x, m, k, &inv_smooth, &mut q).unwrap();
+        let t_ref = quantize_per_tensor(&divided, &mut q_ref).unwrap();
+        prop_assert_eq!(t.to_bits(), t_ref.to_bits());
+        prop_assert_eq!(&q, &q_ref);
+        quantize_static_smoothed(&x, m, k, &inv_smooth, scale, &mut q).unwrap();
+        quantize_static(&divided, scale, &mut q_ref).unwrap();
+        prop_assert_eq!(&q, &q_ref);
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub mod raw;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Architecture, ModelConfig};
+pub use config::{Activation, Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generate::{generate, perplexity, GenerateOutput, Perplexity, Sampler};
 pub use linear::{FpLinear, Linear, LinearObserver, NamedLinear};

@@ -42,6 +42,30 @@ pub struct FpLinear {
     out_features: usize,
     packed: sq_kernels::PackedF32,
     bias: Option<Vec<f32>>,
+    /// Run-time smoothing: the input's columns are multiplied by these factors (`1 / s`) before
+    /// the GEMM, where no exact fold into a preceding layer exists (BLOOM's `dense_4h_to_h`).
+    input_smoothing: Option<Vec<f32>>,
+}
+
+thread_local! {
+    // The smoothed input of FpLinear::forward: grown once, then reused.
+    static SMOOTHED_INPUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Check a run-time smoothing vector against a Linear's input width.
+pub(crate) fn check_input_smoothing(factors: &[f32], in_features: usize) -> Result<()> {
+    if factors.len() != in_features {
+        return Err(ModelError::Invalid(format!(
+            "input smoothing of {} factors for a Linear with {in_features} input channels",
+            factors.len()
+        )));
+    }
+    if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+        return Err(ModelError::Invalid(format!(
+            "input smoothing factor {bad} is not a positive finite number"
+        )));
+    }
+    Ok(())
 }
 
 impl fmt::Debug for FpLinear {
@@ -80,6 +104,7 @@ impl FpLinear {
             out_features,
             packed: sq_kernels::pack_f32(&weight, out_features, in_features)?,
             bias,
+            input_smoothing: None,
         })
     }
 
@@ -100,6 +125,19 @@ impl FpLinear {
     pub fn bias_mut(&mut self) -> Option<&mut [f32]> {
         self.bias.as_deref_mut()
     }
+    /// The run-time smoothing factors (`1 / s` per input channel), if any.
+    pub fn input_smoothing(&self) -> Option<&[f32]> {
+        self.input_smoothing.as_deref()
+    }
+    /// Multiply the input's columns by `factors` at run time (composes with an existing one).
+    pub fn smooth_input_at_runtime(&mut self, factors: &[f32]) -> Result<()> {
+        check_input_smoothing(factors, self.in_features)?;
+        match &mut self.input_smoothing {
+            Some(f) => f.iter_mut().zip(factors).for_each(|(a, b)| *a *= b),
+            None => self.input_smoothing = Some(factors.to_vec()),
+        }
+        Ok(())
+    }
 }
 
 impl Linear for FpLinear {
@@ -111,11 +149,32 @@ impl Linear for FpLinear {
     }
     fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         check_forward_shapes(self, x, m, y)?;
-        sq_kernels::f32_gemm(x, m, &self.packed, self.bias.as_deref(), y)?;
-        Ok(())
+        let Some(factors) = &self.input_smoothing else {
+            sq_kernels::f32_gemm(x, m, &self.packed, self.bias.as_deref(), y)?;
+            return Ok(());
+        };
+        SMOOTHED_INPUT.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < x.len() {
+                buf.resize(x.len(), 0.0);
+            }
+            let xs = &mut buf[..x.len()];
+            for (dst, src) in xs
+                .chunks_exact_mut(self.in_features.max(1))
+                .zip(x.chunks_exact(self.in_features.max(1)))
+            {
+                for ((d, s), f) in dst.iter_mut().zip(src).zip(factors) {
+                    *d = s * f;
+                }
+            }
+            sq_kernels::f32_gemm(xs, m, &self.packed, self.bias.as_deref(), y)?;
+            Ok(())
+        })
     }
     fn weight_bytes(&self) -> usize {
-        4 * (self.in_features * self.out_features + self.bias.as_ref().map_or(0, Vec::len))
+        4 * (self.in_features * self.out_features
+            + self.bias.as_ref().map_or(0, Vec::len)
+            + self.input_smoothing.as_ref().map_or(0, Vec::len))
     }
     fn kind(&self) -> String {
         "f32".into()
@@ -171,6 +230,18 @@ impl NamedLinear {
             ModelError::Invalid(msg) => ModelError::Invalid(format!("{}: {msg}", self.name)),
             other => other,
         })
+    }
+
+    /// A copy of a full-precision Linear (without its observer); quantized ones are an error.
+    pub fn try_clone(&self) -> Result<NamedLinear> {
+        let fp = self.as_fp().ok_or_else(|| {
+            ModelError::Invalid(format!(
+                "{}: only full-precision Linears can be copied, this one is {}",
+                self.name,
+                self.linear.kind()
+            ))
+        })?;
+        Ok(NamedLinear::new(self.name.clone(), fp.clone()))
     }
 
     /// The FP weights, when this Linear is still full precision.

@@ -144,6 +144,56 @@ fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 impl Model {
+    /// A deep copy of a full-precision model (every Linear an [`crate::FpLinear`]), e.g. to try
+    /// several smoothing strengths from the same weights. Quantized models are an error.
+    pub fn try_clone(&self) -> Result<Model> {
+        let clone_block = |b: &Block| -> Result<Block> {
+            Ok(Block {
+                attn_norm: b.attn_norm.clone(),
+                qkv: match &b.qkv {
+                    QkvProj::Separate { q, k, v } => QkvProj::Separate {
+                        q: q.try_clone()?,
+                        k: k.try_clone()?,
+                        v: v.try_clone()?,
+                    },
+                    QkvProj::BloomFused(p) => QkvProj::BloomFused(p.try_clone()?),
+                },
+                o_proj: b.o_proj.try_clone()?,
+                mlp_norm: b.mlp_norm.clone(),
+                mlp: match &b.mlp {
+                    Mlp::Gated { gate, up, down } => Mlp::Gated {
+                        gate: gate.try_clone()?,
+                        up: up.try_clone()?,
+                        down: down.try_clone()?,
+                    },
+                    Mlp::Plain { fc1, fc2 } => Mlp::Plain {
+                        fc1: fc1.try_clone()?,
+                        fc2: fc2.try_clone()?,
+                    },
+                },
+            })
+        };
+        Ok(Model {
+            config: self.config.clone(),
+            embed: self.embed.clone(),
+            pos_embed: self.pos_embed.clone(),
+            embed_norm: self.embed_norm.clone(),
+            project_in: self
+                .project_in
+                .as_ref()
+                .map(|l| l.try_clone())
+                .transpose()?,
+            project_out: self
+                .project_out
+                .as_ref()
+                .map(|l| l.try_clone())
+                .transpose()?,
+            layers: self.layers.iter().map(clone_block).collect::<Result<_>>()?,
+            final_norm: self.final_norm.clone(),
+            lm_head: self.lm_head.try_clone()?,
+        })
+    }
+
     /// A session able to hold `capacity` positions (at most the model's context length).
     pub fn session(&self, capacity: usize) -> Session {
         let capacity = capacity.min(self.config.max_position_embeddings).max(1);

@@ -145,7 +145,7 @@ pub fn load_native(
                 }
             };
             let bias = linear.as_fp().and_then(|fp| fp.bias().map(<[f32]>::to_vec));
-            linear.linear = Box::new(Int8Linear::from_quantized(
+            let int8 = Int8Linear::from_quantized(
                 &w_q,
                 scales,
                 bias.as_deref(),
@@ -154,7 +154,20 @@ pub fn load_native(
                 qc.weights,
                 act,
                 backend.clone(),
-            )?);
+            )?;
+            // A run-time smoothing divide (no exact fold existed for this input).
+            let smoothing_name = format!("{name}.input_smoothing");
+            let int8 = if ckpt.contains(&smoothing_name) {
+                let f = ckpt.tensor(&smoothing_name)?.to_f32_vec()?;
+                int8.with_input_smoothing(f)
+                    .map_err(|e| ModelError::Config {
+                        path: dir.to_path_buf(),
+                        reason: format!("`{smoothing_name}`: {e}"),
+                    })?
+            } else {
+                int8
+            };
+            linear.linear = Box::new(int8);
         }
     }
     let tok_path = dir.join("tokenizer.json");

@@ -3,7 +3,7 @@
 //! the dequantize epilogue fused. [`FakeQuantLinear`] computes the same thing in f32 and is the
 //! test oracle.
 
-use crate::linear::{check_forward_shapes, FpLinear, Linear};
+use crate::linear::{check_forward_shapes, check_input_smoothing, FpLinear, Linear};
 use crate::{ModelError, Result};
 use sq_kernels::{ActScales, Int8Gemm, PackedInt8, WeightScales};
 use std::any::Any;
@@ -48,23 +48,38 @@ thread_local! {
     static ACT_SCRATCH: RefCell<(Vec<i8>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Quantize `x` (`[m, k]`) with `act` into `q`/`scales`; returns the activation scales view.
+/// Quantize `x` (`[m, k]`) with `act` into `q`/`scales`, multiplying its columns by
+/// `smoothing` (run-time smoothing, fused into the quantize pass) when given; returns the
+/// activation scales view.
 fn quantize_input<'a>(
     act: ActQuant,
     x: &[f32],
     m: usize,
     k: usize,
+    smoothing: Option<&[f32]>,
     q: &mut [i8],
     scales: &'a mut [f32],
 ) -> Result<ActScales<'a>> {
-    Ok(match act {
-        ActQuant::Token => {
-            sq_kernels::quantize_per_token(x, m, k, q, &mut scales[..m])?;
+    use sq_kernels as sk;
+    Ok(match (act, smoothing) {
+        (ActQuant::Token, None) => {
+            sk::quantize_per_token(x, m, k, q, &mut scales[..m])?;
             ActScales::PerToken(&scales[..m])
         }
-        ActQuant::Tensor => ActScales::PerTensor(sq_kernels::quantize_per_tensor(x, q)?),
-        ActQuant::Static { scale } => {
-            sq_kernels::quantize_static(x, scale, q)?;
+        (ActQuant::Token, Some(f)) => {
+            sk::quantize_per_token_smoothed(x, m, k, f, q, &mut scales[..m])?;
+            ActScales::PerToken(&scales[..m])
+        }
+        (ActQuant::Tensor, None) => ActScales::PerTensor(sk::quantize_per_tensor(x, q)?),
+        (ActQuant::Tensor, Some(f)) => {
+            ActScales::PerTensor(sk::quantize_per_tensor_smoothed(x, m, k, f, q)?)
+        }
+        (ActQuant::Static { scale }, None) => {
+            sk::quantize_static(x, scale, q)?;
+            ActScales::PerTensor(scale)
+        }
+        (ActQuant::Static { scale }, Some(f)) => {
+            sk::quantize_static_smoothed(x, m, k, f, scale, q)?;
             ActScales::PerTensor(scale)
         }
     })
@@ -132,7 +147,7 @@ pub fn fake_quantize_weight(
 pub fn fake_quantize_input(act: ActQuant, x: &[f32], m: usize, k: usize) -> Result<Vec<f32>> {
     let mut q = vec![0i8; x.len()];
     let mut scales = vec![0.0f32; m.max(1)];
-    let xs = quantize_input(act, x, m, k, &mut q, &mut scales)?;
+    let xs = quantize_input(act, x, m, k, None, &mut q, &mut scales)?;
     Ok(q.iter()
         .enumerate()
         .map(|(i, &v)| {
@@ -153,6 +168,8 @@ pub struct Int8Linear {
     backend: Arc<dyn Int8Gemm>,
     act: ActQuant,
     weights: WeightGranularity,
+    /// Run-time smoothing factors (`1 / s`), applied inside the activation quantize pass.
+    input_smoothing: Option<Vec<f32>>,
 }
 
 impl fmt::Debug for Int8Linear {
@@ -178,7 +195,7 @@ impl Int8Linear {
         backend: Arc<dyn Int8Gemm>,
     ) -> Result<Self> {
         let (q, scales) = quantize_weight(fp, weights)?;
-        Self::from_quantized(
+        let linear = Self::from_quantized(
             &q,
             scales,
             fp.bias(),
@@ -187,7 +204,11 @@ impl Int8Linear {
             weights,
             act,
             backend,
-        )
+        )?;
+        match fp.input_smoothing() {
+            Some(f) => linear.with_input_smoothing(f.to_vec()),
+            None => Ok(linear),
+        }
     }
 
     /// Pack already-quantized weights (a checkpoint written by `quantize`).
@@ -217,7 +238,19 @@ impl Int8Linear {
             backend,
             act,
             weights,
+            input_smoothing: None,
         })
+    }
+
+    /// Multiply the input's columns by `factors` (`1 / s`) inside the activation quantize pass:
+    /// SmoothQuant's run-time divide where no exact fold exists.
+    pub fn with_input_smoothing(mut self, factors: Vec<f32>) -> Result<Self> {
+        check_input_smoothing(&factors, self.in_features)?;
+        self.input_smoothing = Some(factors);
+        Ok(self)
+    }
+    pub fn input_smoothing(&self) -> Option<&[f32]> {
+        self.input_smoothing.as_deref()
     }
 
     pub fn act_quant(&self) -> ActQuant {
@@ -250,13 +283,21 @@ impl Linear for Int8Linear {
                 scales.resize(m, 0.0);
             }
             let q = &mut q[..x.len()];
-            let x_scales = quantize_input(self.act, x, m, self.in_features, q, scales)?;
+            let x_scales = quantize_input(
+                self.act,
+                x,
+                m,
+                self.in_features,
+                self.input_smoothing.as_deref(),
+                q,
+                scales,
+            )?;
             self.backend.gemm_f32_out(q, m, x_scales, &self.packed, y)?;
             Ok(())
         })
     }
     fn weight_bytes(&self) -> usize {
-        self.packed.weight_bytes()
+        self.packed.weight_bytes() + 4 * self.input_smoothing.as_ref().map_or(0, Vec::len)
     }
     fn kind(&self) -> String {
         format!(
@@ -282,6 +323,8 @@ impl Linear for Int8Linear {
 pub struct FakeQuantLinear {
     dequantized: FpLinear,
     act: ActQuant,
+    /// Run-time smoothing: divide (multiply by `1 / s`) first, then quantize.
+    input_smoothing: Option<Vec<f32>>,
 }
 
 impl FakeQuantLinear {
@@ -291,6 +334,7 @@ impl FakeQuantLinear {
         Ok(FakeQuantLinear {
             dequantized: FpLinear::new(w, n, k, fp.bias().map(<[f32]>::to_vec))?,
             act,
+            input_smoothing: fp.input_smoothing().map(<[f32]>::to_vec),
         })
     }
 }
@@ -304,7 +348,17 @@ impl Linear for FakeQuantLinear {
     }
     fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         check_forward_shapes(self, x, m, y)?;
-        let xd = fake_quantize_input(self.act, x, m, self.in_features())?;
+        let k = self.in_features();
+        let xd = match &self.input_smoothing {
+            Some(f) => {
+                let divided: Vec<f32> = x
+                    .chunks_exact(k.max(1))
+                    .flat_map(|row| row.iter().zip(f).map(|(v, s)| v * s))
+                    .collect();
+                fake_quantize_input(self.act, &divided, m, k)?
+            }
+            None => fake_quantize_input(self.act, x, m, k)?,
+        };
         self.dequantized.forward(&xd, m, y)
     }
     fn weight_bytes(&self) -> usize {

@@ -97,6 +97,9 @@ pub fn save_native(
             if let Some(b) = fp.bias() {
                 tensors.push((format!("{}.bias", l.name), tensor(b, &[n])?));
             }
+            if let Some(f) = fp.input_smoothing() {
+                tensors.push((format!("{}.input_smoothing", l.name), tensor(f, &[k])?));
+            }
             if let sq_model::ActQuant::Static { scale } = info.recipe.act_quant(&l.name, stats)? {
                 tensors.push((
                     format!("{}.input_scale", l.name),

@@ -1,6 +1,6 @@
 //! Folding smoothing scales into a model: `1/s` into the norm, `s` into the Linears' inputs.
 
-use crate::groups::SmoothGroup;
+use crate::groups::{Fold, SmoothGroup};
 use crate::{smoothing_scales, weight_absmax_per_input_channel, Result, SmoothError};
 use sq_calib::StatsTable;
 use sq_model::{Linear, Model};
@@ -51,11 +51,39 @@ impl AlphaSpec {
 pub struct GroupResult {
     pub group: SmoothGroup,
     pub alpha: f32,
-    /// The per-channel scales `s`.
+    /// The per-channel scales `s` of the group's input channels.
     pub scales: Vec<f32>,
     /// max/median of the group's input ranges before and after smoothing.
     pub ratio_before: f32,
     pub ratio_after: f32,
+}
+
+/// The scales of `group` for its input ranges `act_absmax` and weight ranges `weight_absmax`:
+/// SmoothQuant's formula, except that input channels reading one shared value row (grouped-
+/// query attention) share one scale, computed from their largest ranges.
+pub fn group_scales(
+    group: &SmoothGroup,
+    act_absmax: &[f32],
+    weight_absmax: &[f32],
+    alpha: f32,
+) -> Result<Vec<f32>> {
+    if !group.fold.ties_channels() || act_absmax.len() != weight_absmax.len() {
+        return smoothing_scales(act_absmax, weight_absmax, alpha);
+    }
+    let rows = (0..act_absmax.len())
+        .map(|c| group.fold.producer_row(c))
+        .max()
+        .map_or(0, |r| r + 1);
+    let (mut act, mut w) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+    for c in 0..act_absmax.len() {
+        let r = group.fold.producer_row(c);
+        act[r] = act[r].max(act_absmax[c]);
+        w[r] = w[r].max(weight_absmax[c]);
+    }
+    let per_row = smoothing_scales(&act, &w, alpha)?;
+    Ok((0..act_absmax.len())
+        .map(|c| per_row[group.fold.producer_row(c)])
+        .collect())
 }
 
 /// Compute every group's scales from `stats` and fold them into `model`. The activation
@@ -73,9 +101,9 @@ pub fn smooth_model(
             .get(group.name())
             .ok_or_else(|| {
                 SmoothError::Config(format!(
-                "the activation statistics have no entry for `{}` (calibrated on another model?)",
-                group.name()
-            ))
+                    "the activation statistics have no entry for `{}` (calibrated on another model?)",
+                    group.name()
+                ))
             })?
             .clone();
         let in_features = act.channel_absmax().len();
@@ -105,34 +133,20 @@ pub fn smooth_model(
         let refs: Vec<&[f32]> = weights.iter().map(Vec::as_slice).collect();
         let w_absmax = weight_absmax_per_input_channel(&refs, in_features)?;
         let a = alpha.for_group(group.name());
-        let scales = smoothing_scales(act.channel_absmax(), &w_absmax, a)?;
+        let scales = group_scales(group, act.channel_absmax(), &w_absmax, a)?;
 
-        let norm = model.norm_mut(&group.norm).ok_or_else(|| {
-            SmoothError::Config(format!("the model has no norm `{}`", group.norm))
-        })?;
-        if norm.weight.len() != in_features {
-            return Err(SmoothError::Shape {
-                what: group.norm.clone(),
-                detail: format!(
-                    "{} channels, the group has {in_features}",
-                    norm.weight.len()
-                ),
-            });
-        }
-        for (w, s) in norm.weight.iter_mut().zip(&scales) {
-            *w /= s;
-        }
-        if let Some(b) = norm.bias.as_mut() {
-            for (x, s) in b.iter_mut().zip(&scales) {
-                *x /= s;
+        match &group.fold {
+            Fold::Norm { norm } => fold_into_norm(model, norm, &scales)?,
+            Fold::Rows { linear, .. } => fold_into_rows(model, group, linear, &scales)?,
+            Fold::Runtime => {
+                let inv: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+                for name in &group.linears {
+                    fp_mut(model, name)?.smooth_input_at_runtime(&inv)?;
+                }
             }
         }
         for name in &group.linears {
-            let fp = model
-                .linear_mut(name)
-                .and_then(|l| l.as_fp_mut())
-                .expect("checked above");
-            fp.update_weight(|w| {
+            fp_mut(model, name)?.update_weight(|w| {
                 for row in w.chunks_exact_mut(in_features) {
                     for (w, s) in row.iter_mut().zip(&scales) {
                         *w *= s;
@@ -147,6 +161,7 @@ pub fn smooth_model(
         let ratio_after = stats
             .get(group.name())
             .map_or(ratio_before, |s| s.max_median_ratio());
+        tracing::debug!(group = group.name(), fold = %group.fold.describe(), alpha = a, ratio_before, ratio_after, "smoothed");
         results.push(GroupResult {
             group: group.clone(),
             alpha: a,
@@ -156,4 +171,80 @@ pub fn smooth_model(
         });
     }
     Ok(results)
+}
+
+fn fp_mut<'a>(model: &'a mut Model, name: &str) -> Result<&'a mut sq_model::FpLinear> {
+    model
+        .linear_mut(name)
+        .and_then(|l| l.as_fp_mut())
+        .ok_or_else(|| {
+            SmoothError::Config(format!(
+                "`{name}` is not a full-precision Linear of the model"
+            ))
+        })
+}
+
+/// The paper's fold: `gamma / s` (and `beta / s`).
+fn fold_into_norm(model: &mut Model, name: &str, scales: &[f32]) -> Result<()> {
+    let norm = model
+        .norm_mut(name)
+        .ok_or_else(|| SmoothError::Config(format!("the model has no norm `{name}`")))?;
+    if norm.weight.len() != scales.len() {
+        return Err(SmoothError::Shape {
+            what: name.to_string(),
+            detail: format!(
+                "{} channels, the group has {}",
+                norm.weight.len(),
+                scales.len()
+            ),
+        });
+    }
+    for (w, s) in norm.weight.iter_mut().zip(scales) {
+        *w /= s;
+    }
+    if let Some(b) = norm.bias.as_mut() {
+        for (x, s) in b.iter_mut().zip(scales) {
+            *x /= s;
+        }
+    }
+    Ok(())
+}
+
+/// Divide the producing Linear's output rows (weight and bias) by the scale of the input channel
+/// each row feeds.
+fn fold_into_rows(
+    model: &mut Model,
+    group: &SmoothGroup,
+    producer: &str,
+    scales: &[f32],
+) -> Result<()> {
+    let fp = fp_mut(model, producer)?;
+    let (n, k) = (fp.out_features(), fp.in_features());
+    let mut row_scale: Vec<Option<f32>> = vec![None; n];
+    for (c, &s) in scales.iter().enumerate() {
+        let r = group.fold.producer_row(c);
+        let slot = row_scale.get_mut(r).ok_or_else(|| SmoothError::Shape {
+            what: producer.to_string(),
+            detail: format!(
+                "{n} output rows, but input channel {c} of `{}` reads row {r}",
+                group.name()
+            ),
+        })?;
+        *slot = Some(s);
+    }
+    fp.update_weight(|w| {
+        for (row, s) in w.chunks_exact_mut(k.max(1)).zip(&row_scale) {
+            if let Some(s) = s {
+                row.iter_mut().for_each(|v| *v /= s);
+            }
+        }
+    })?;
+    if let Some(b) = fp.bias_mut() {
+        for (v, s) in b.iter_mut().zip(&row_scale) {
+            if let Some(s) = s {
+                *v /= s;
+            }
+        }
+    }
+    Ok(())
 }

@@ -37,12 +37,16 @@ mod quantize;
 mod search;
 
 pub use export::{save_native, ExportInfo};
-pub use fold::{smooth_model, AlphaSpec, GroupResult};
+pub use fold::{group_scales, smooth_model, AlphaSpec, GroupResult};
 pub use groups::{
-    paper_groups, paper_specs, GroupSpec, SmoothGroup, BLOOM_PAPER, LLAMA_PAPER, OPT_PAPER,
+    beyond_specs, paper_groups, paper_specs, smoothing_groups, Fold, GroupSpec, RowLayout,
+    SmoothGroup, SmoothTargets, SourceSpec, BLOOM_BEYOND, BLOOM_PAPER, LLAMA_BEYOND, LLAMA_PAPER,
+    OPT_BEYOND, OPT_PAPER,
 };
 pub use quantize::{fake_quantize_model, quantize_model, ActPolicy, Recipe};
-pub use search::{default_grid, search_alphas, AlphaChoice};
+pub use search::{
+    default_grid, refine_alphas, search_alphas, AlphaCandidate, AlphaChoice, AlphaRefinement,
+};
 
 /// Smallest smoothing scale and smallest weight range, as in the official code.
 pub const MIN_SCALE: f32 = 1e-5;

@@ -1,10 +1,9 @@
 //! `--alpha auto`: for each smoothing group, the migration strength that minimizes the
 //! quantized output error of the group's Linears on real calibration inputs.
 
-use crate::groups::SmoothGroup;
-use crate::{
-    smoothing_scales, weight_absmax_per_input_channel, ActPolicy, Recipe, Result, SmoothError,
-};
+use crate::groups::{Fold, RowLayout, SmoothGroup};
+use crate::AlphaSpec;
+use crate::{weight_absmax_per_input_channel, ActPolicy, Recipe, Result, SmoothError};
 use sq_calib::{InputSample, StatsTable};
 use sq_model::quant::{fake_quantize_input, fake_quantize_weight, static_scale};
 use sq_model::{ActQuant, Linear, Model};
@@ -108,7 +107,7 @@ pub fn search_alphas(
         let mut best = (f64::INFINITY, grid[0]);
         let mut at_half = f64::NAN;
         for &alpha in grid {
-            let s = smoothing_scales(&act, &w_absmax, alpha)?;
+            let s = crate::group_scales(group, &act, &w_absmax, alpha)?;
             let mut x = sample.data.clone();
             for row in x.chunks_exact_mut(k) {
                 for (v, si) in row.iter_mut().zip(&s) {
@@ -153,4 +152,221 @@ pub fn search_alphas(
         progress(gi + 1, groups.len());
     }
     Ok(out)
+}
+
+/// One candidate of the model-level stage of `--alpha auto` and its calibration loss.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlphaCandidate {
+    /// `global 0.45`, `global 0.45, paper groups`, `per-group within 0.1 of 0.45`, ...
+    pub label: String,
+    pub alphas: AlphaSpec,
+    /// The groups smoothed (a subset of the searched ones: smoothing a group can hurt when it
+    /// moves a producer's rows far apart under per-tensor weight scales).
+    pub groups: Vec<SmoothGroup>,
+    /// Mean negative log-likelihood per token of the quantized model on the calibration windows.
+    pub mean_nll: f64,
+}
+
+/// What the model-level stage of `--alpha auto` tried and chose.
+#[derive(Clone, Debug)]
+pub struct AlphaRefinement {
+    pub chosen: AlphaCandidate,
+    pub tried: Vec<AlphaCandidate>,
+}
+
+/// Which kinds of groups a candidate smooths.
+#[derive(Clone, Copy)]
+enum Subset {
+    All,
+    NormOnly,
+    NormAndAttention,
+    NormAndMlp,
+}
+
+impl Subset {
+    fn keeps(self, g: &SmoothGroup) -> bool {
+        let attention_rows = matches!(
+            &g.fold,
+            Fold::Rows {
+                layout: RowLayout::Values | RowLayout::BloomFusedValues,
+                ..
+            }
+        );
+        match self {
+            Subset::All => true,
+            Subset::NormOnly => g.norm().is_some(),
+            Subset::NormAndAttention => g.norm().is_some() || attention_rows,
+            Subset::NormAndMlp => g.norm().is_some() || !attention_rows,
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Subset::All => "",
+            Subset::NormOnly => ", norm groups only",
+            Subset::NormAndAttention => ", norm and attention-output groups",
+            Subset::NormAndMlp => ", norm and MLP-output groups",
+        }
+    }
+}
+
+/// The model-level stage of `--alpha auto`. The per-group search ([`search_alphas`]) minimizes
+/// each group's own output error, which does not always track the model's loss (errors of
+/// neighbouring groups interact through the residual stream and the norms, and a row fold
+/// changes the producing Linear's weight quantization). This stage smooths and quantizes copies
+/// of `fp` (with `quantize`, the real INT8 path) for whole-model candidates and keeps the one
+/// with the lowest loss on `eval_windows` (token windows of calibration text):
+/// 1. every global α of `global_grid` on all `groups`, then the α 0.05 either side of the
+///    best one;
+/// 2. at the best global α, the groups that do not fold into a norm dropped in part or whole
+///    (when `groups` has any);
+/// 3. on the best subset, the per-group choices `local`, as found and clamped to within 0.1 of
+///    the best global α.
+///
+/// `stats` are the unsmoothed statistics. Ties go to the earlier (simpler) candidate.
+#[allow(clippy::too_many_arguments)]
+pub fn refine_alphas(
+    fp: &Model,
+    groups: &[SmoothGroup],
+    stats: &StatsTable,
+    local: &[AlphaChoice],
+    global_grid: &[f32],
+    eval_windows: &[&[u32]],
+    mut quantize: impl FnMut(&mut Model, &StatsTable) -> Result<()>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<AlphaRefinement> {
+    if global_grid.is_empty() || eval_windows.iter().all(|w| w.len() < 2) {
+        return Err(SmoothError::Config(
+            "the model-level alpha search needs a grid and calibration windows of at least 2 tokens"
+                .into(),
+        ));
+    }
+    let has_beyond = groups.iter().any(|g| g.norm().is_none());
+    let total = global_grid.len() + 2 + if has_beyond { 3 } else { 0 } + 2;
+    let mut tried: Vec<AlphaCandidate> = Vec::with_capacity(total);
+    let mut evaluate = |tried: &mut Vec<AlphaCandidate>,
+                        label: String,
+                        alphas: AlphaSpec,
+                        subset: Subset|
+     -> Result<()> {
+        let _span = tracing::debug_span!("alpha_candidate", candidate = %label).entered();
+        let chosen: Vec<SmoothGroup> = groups.iter().filter(|g| subset.keeps(g)).cloned().collect();
+        let mut model = fp.try_clone()?;
+        let mut st = stats.clone();
+        crate::smooth_model(&mut model, &chosen, &mut st, &alphas)?;
+        quantize(&mut model, &st)?;
+        let mean_nll = mean_nll(&model, eval_windows)?;
+        tracing::info!(candidate = %label, mean_nll, "alpha candidate");
+        tried.push(AlphaCandidate {
+            label,
+            alphas,
+            groups: chosen,
+            mean_nll,
+        });
+        progress(tried.len(), total);
+        Ok(())
+    };
+    let best = |tried: &[AlphaCandidate]| -> usize {
+        let mut b = 0;
+        for (i, c) in tried.iter().enumerate() {
+            if c.mean_nll < tried[b].mean_nll {
+                b = i;
+            }
+        }
+        b
+    };
+    for &a in global_grid {
+        evaluate(
+            &mut tried,
+            format!("global {a}"),
+            AlphaSpec::Global(a),
+            Subset::All,
+        )?;
+    }
+    // Refine the coarse grid: the α 0.05 either side of the best one.
+    let coarse_best = match tried[best(&tried)].alphas {
+        AlphaSpec::Global(a) => a,
+        _ => unreachable!("only global candidates so far"),
+    };
+    for a in [coarse_best - 0.05, coarse_best + 0.05] {
+        let a = (a * 100.0).round() / 100.0;
+        if (0.0..=1.0).contains(&a) && !global_grid.iter().any(|g| (g - a).abs() < 1e-6) {
+            let label = format!("global {a}");
+            evaluate(&mut tried, label, AlphaSpec::Global(a), Subset::All)?;
+        }
+    }
+    let best_global = match tried[best(&tried)].alphas {
+        AlphaSpec::Global(a) => a,
+        _ => unreachable!("only global candidates so far"),
+    };
+    let mut subset = Subset::All;
+    if has_beyond {
+        let before = tried.len();
+        for s in [
+            Subset::NormOnly,
+            Subset::NormAndAttention,
+            Subset::NormAndMlp,
+        ] {
+            let label = format!("global {best_global}{}", s.label());
+            evaluate(&mut tried, label, AlphaSpec::Global(best_global), s)?;
+        }
+        let b = best(&tried);
+        if b >= before {
+            subset = [
+                Subset::NormOnly,
+                Subset::NormAndAttention,
+                Subset::NormAndMlp,
+            ][b - before];
+        }
+    }
+    let per_group = |clamp: Option<f32>| AlphaSpec::PerGroup {
+        default: best_global,
+        groups: local
+            .iter()
+            .map(|c| {
+                let a = match clamp {
+                    Some(w) => c
+                        .alpha
+                        .clamp(best_global - w, best_global + w)
+                        .clamp(0.0, 1.0),
+                    None => c.alpha,
+                };
+                (c.group.clone(), a)
+            })
+            .collect(),
+    };
+    evaluate(
+        &mut tried,
+        format!("per-group{}", subset.label()),
+        per_group(None),
+        subset,
+    )?;
+    evaluate(
+        &mut tried,
+        format!("per-group within 0.1 of {best_global}{}", subset.label()),
+        per_group(Some(0.1)),
+        subset,
+    )?;
+    let chosen = tried[best(&tried)].clone();
+    Ok(AlphaRefinement { chosen, tried })
+}
+
+/// Mean negative log-likelihood per predicted token of `model` over `windows`.
+fn mean_nll(model: &Model, windows: &[&[u32]]) -> Result<f64> {
+    let longest = windows.iter().map(|w| w.len()).max().unwrap_or(0);
+    let mut session = model.session(longest);
+    let vocab = model.config.vocab_size;
+    let mut logits = Vec::new();
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    for w in windows.iter().filter(|w| w.len() >= 2) {
+        session.cache.clear();
+        model.forward(w, &mut session, sq_model::Logits::All, &mut logits)?;
+        for (pos, &target) in w.iter().enumerate().skip(1) {
+            nll += sq_model::generate::token_nll(
+                &logits[(pos - 1) * vocab..pos * vocab],
+                target as usize,
+            );
+            count += 1;
+        }
+    }
+    Ok(nll / count.max(1) as f64)
 }

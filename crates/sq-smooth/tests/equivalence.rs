@@ -2,7 +2,7 @@
 
 use sq_calib::{calibrate, CalibConfig};
 use sq_model::{load_hf_dir, Logits, Model};
-use sq_smooth::{paper_groups, smooth_model, AlphaSpec};
+use sq_smooth::{paper_groups, smooth_model, smoothing_groups, AlphaSpec, Fold, SmoothTargets};
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
@@ -106,6 +106,124 @@ fn smoothing_preserves_logits_on_every_prenorm_fixture() {
     }
 }
 
+fn calib(model: &mut Model, ids: &[u32]) -> sq_calib::StatsTable {
+    let cfg = CalibConfig {
+        samples: 1,
+        seq_len: 128,
+        seed: 0,
+    };
+    calibrate(model, ids, &cfg, |_, _| {}).unwrap()
+}
+
+/// `--smooth-targets all`: the attention output and last MLP projections are smoothed too
+/// (value rows, up_proj rows, fc1 rows through ReLU, BLOOM's run-time divide), and the model's
+/// outputs stay the same, including post-norm OPT where only the non-norm folds apply.
+#[test]
+fn smoothing_every_input_preserves_logits() {
+    for name in [
+        "llama-gqa",
+        "llama-tied-bf16",
+        "llama-linear-rope",
+        "qwen2-bias",
+        "opt-prenorm",
+        "opt-postnorm",
+        "opt-project",
+        "bloom",
+        "bloom-bf16",
+    ] {
+        for alpha in [0.5, 0.85] {
+            let mut loaded = load_hf_dir(&fixture(name)).unwrap();
+            let mut ids = loaded.tokenizer.encode(TEXT).unwrap();
+            ids.truncate(96);
+            let before = logits(&loaded.model, &ids);
+            let mut stats = calib(&mut loaded.model, &ids);
+            let groups = smoothing_groups(&loaded.model, SmoothTargets::All).unwrap();
+            let layers = loaded.model.layers.len();
+            let per_layer = if loaded.model.config.pre_norm { 4 } else { 2 };
+            assert_eq!(groups.len(), per_layer * layers, "{name}");
+            let cfg = &loaded.model.config;
+            let runtime = groups.iter().filter(|g| g.fold == Fold::Runtime).count();
+            // BLOOM's GELU has no exact fold: its last MLP projection divides at run time.
+            let expect_runtime = if name.starts_with("bloom") { layers } else { 0 };
+            assert_eq!(runtime, expect_runtime, "{name}");
+            let tied = groups.iter().filter(|g| g.fold.ties_channels()).count();
+            assert_eq!(
+                tied,
+                if cfg.num_kv_heads < cfg.num_heads {
+                    layers
+                } else {
+                    0
+                },
+                "{name}"
+            );
+            let results = smooth_model(
+                &mut loaded.model,
+                &groups,
+                &mut stats,
+                &AlphaSpec::Global(alpha),
+            )
+            .unwrap();
+            let after = logits(&loaded.model, &ids);
+            let e = rel_err(&after, &before);
+            assert!(
+                e < 1e-4,
+                "{name} alpha {alpha}: smoothing every input changed the logits by {e}"
+            );
+            for r in &results {
+                // Tied channels (heads sharing a value row) got one scale.
+                if r.group.fold.ties_channels() {
+                    for c in 0..r.scales.len() {
+                        let peer = r.group.fold.producer_row(c);
+                        let first = (0..r.scales.len())
+                            .find(|&d| r.group.fold.producer_row(d) == peer)
+                            .unwrap();
+                        assert_eq!(r.scales[c], r.scales[first], "{name} {}", r.group.name());
+                    }
+                }
+            }
+            // The statistics describe the smoothed model for every folded group (a run-time divide
+            // happens inside the Linear, after the observer).
+            let fresh = calib(&mut loaded.model, &ids);
+            for r in results.iter().filter(|r| r.group.fold != Fold::Runtime) {
+                let q = r.group.name();
+                let (a, b) = (
+                    stats.get(q).unwrap().channel_absmax(),
+                    fresh.get(q).unwrap().channel_absmax(),
+                );
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * y.abs().max(1e-3),
+                        "{name} {q}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn paper_targets_are_the_paper_groups() {
+    for name in ["llama-gqa", "opt-prenorm", "bloom"] {
+        let loaded = load_hf_dir(&fixture(name)).unwrap();
+        let paper = paper_groups(&loaded.model).unwrap();
+        assert_eq!(
+            smoothing_groups(&loaded.model, SmoothTargets::Paper).unwrap(),
+            paper
+        );
+        assert!(paper.iter().all(|g| g.norm().is_some()));
+        let all = smoothing_groups(&loaded.model, SmoothTargets::All).unwrap();
+        // `all` keeps the paper's groups, in forward order with the new ones.
+        let norms: Vec<_> = all.iter().filter(|g| g.norm().is_some()).cloned().collect();
+        assert_eq!(norms, paper, "{name}");
+    }
+    let loaded = load_hf_dir(&fixture("llama-gqa")).unwrap();
+    let all = smoothing_groups(&loaded.model, SmoothTargets::All).unwrap();
+    assert_eq!(all[1].name(), "model.layers.0.self_attn.o_proj");
+    assert_eq!(all[1].fold.describe(), "rows of v_proj");
+    assert_eq!(all[3].name(), "model.layers.0.mlp.down_proj");
+    assert_eq!(all[3].fold.describe(), "rows of up_proj");
+}
+
 #[test]
 fn post_norm_models_are_refused_clearly() {
     for name in ["opt-postnorm", "opt-project"] {
@@ -119,12 +237,15 @@ fn post_norm_models_are_refused_clearly() {
 fn group_tables_name_hugging_face_modules() {
     let loaded = load_hf_dir(&fixture("bloom")).unwrap();
     let groups = paper_groups(&loaded.model).unwrap();
-    assert_eq!(groups[0].norm, "transformer.h.0.input_layernorm");
+    assert_eq!(groups[0].norm(), Some("transformer.h.0.input_layernorm"));
     assert_eq!(
         groups[0].linears,
         ["transformer.h.0.self_attention.query_key_value"]
     );
-    assert_eq!(groups[3].norm, "transformer.h.1.post_attention_layernorm");
+    assert_eq!(
+        groups[3].norm(),
+        Some("transformer.h.1.post_attention_layernorm")
+    );
     let loaded = load_hf_dir(&fixture("opt-prenorm")).unwrap();
     let groups = paper_groups(&loaded.model).unwrap();
     assert_eq!(groups[1].linears, ["model.decoder.layers.0.fc1"]);

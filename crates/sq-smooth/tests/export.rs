@@ -3,7 +3,8 @@
 use sq_calib::{calibrate, CalibConfig};
 use sq_model::{load, load_hf_dir, Logits, Model};
 use sq_smooth::{
-    paper_groups, quantize_model, save_native, smooth_model, AlphaSpec, ExportInfo, Recipe,
+    quantize_model, save_native, smooth_model, smoothing_groups, AlphaSpec, ExportInfo, Recipe,
+    SmoothTargets,
 };
 use std::path::PathBuf;
 
@@ -32,7 +33,8 @@ fn native_checkpoints_reload_bit_identically() {
         ("opt-prenorm", Recipe::O3, true),
         ("bloom", Recipe::O2, true),
         ("llama-tied-bf16", Recipe::O1, true),
-        ("opt-postnorm", Recipe::O3, false),
+        ("opt-postnorm", Recipe::O3, true),
+        ("opt-prenorm", Recipe::CHANNEL_TOKEN, false),
     ];
     for (name, recipe, smooth) in cases {
         let mut fp = load_hf_dir(&fixture(name)).unwrap();
@@ -55,7 +57,8 @@ fn native_checkpoints_reload_bit_identically() {
         )
         .unwrap();
         if smooth {
-            let groups = paper_groups(&fp.model).unwrap();
+            // Every input: BLOOM's run-time divide must survive the round trip too.
+            let groups = smoothing_groups(&fp.model, SmoothTargets::All).unwrap();
             smooth_model(&mut fp.model, &groups, &mut stats, &AlphaSpec::Global(0.6)).unwrap();
         }
         let info = ExportInfo {
@@ -94,7 +97,21 @@ fn native_checkpoints_reload_bit_identically() {
             fp.tokenizer.encode("hello world").unwrap()
         );
 
+        let runtime_divides = |m: &Model| {
+            m.linears()
+                .iter()
+                .filter_map(|l| l.linear.as_any().downcast_ref::<sq_model::Int8Linear>())
+                .filter(|l| l.input_smoothing().is_some())
+                .count()
+        };
         quantize_model(&mut fp.model, &recipe, Some(&stats), backend.clone()).unwrap();
+        let expected = if smooth && name.starts_with("bloom") {
+            fp.model.layers.len()
+        } else {
+            0
+        };
+        assert_eq!(runtime_divides(&fp.model), expected, "{name}");
+        assert_eq!(runtime_divides(&reloaded.model), expected, "{name}");
         assert_eq!(
             logits(&reloaded.model, &ids),
             logits(&fp.model, &ids),

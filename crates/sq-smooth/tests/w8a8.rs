@@ -4,7 +4,8 @@
 use sq_calib::{calibrate, CalibConfig, StatsTable};
 use sq_model::{load_hf_dir, LoadedModel, Logits, Model};
 use sq_smooth::{
-    fake_quantize_model, paper_groups, quantize_model, smooth_model, AlphaSpec, Recipe,
+    fake_quantize_model, paper_groups, quantize_model, smooth_model, smoothing_groups, AlphaSpec,
+    Recipe, SmoothTargets,
 };
 use std::path::PathBuf;
 
@@ -68,9 +69,16 @@ const RECIPES: [Recipe; 4] = [Recipe::CHANNEL_TOKEN, Recipe::O1, Recipe::O2, Rec
 fn int8_model_equals_the_fake_quant_oracle() {
     let backend = sq_kernels::select_backend().unwrap();
     for name in ["llama-gqa", "opt-prenorm", "bloom", "qwen2-bias"] {
-        for recipe in RECIPES {
-            let (mut int8, ids, stats) = prepared(name);
-            let (mut fake, _, _) = prepared(name);
+        for (i, recipe) in RECIPES.into_iter().enumerate() {
+            let (mut int8, ids, mut stats) = prepared(name);
+            let (mut fake, _, mut fake_stats) = prepared(name);
+            // Half the recipes run on a model smoothed everywhere (run-time divide included).
+            if i % 2 == 1 {
+                let groups = smoothing_groups(&int8.model, SmoothTargets::All).unwrap();
+                let alpha = AlphaSpec::Global(0.5);
+                smooth_model(&mut int8.model, &groups, &mut stats, &alpha).unwrap();
+                smooth_model(&mut fake.model, &groups, &mut fake_stats, &alpha).unwrap();
+            }
             let n =
                 quantize_model(&mut int8.model, &recipe, Some(&stats), backend.clone()).unwrap();
             assert_eq!(
@@ -120,15 +128,17 @@ fn smoothquant_beats_naive_w8a8_on_outlier_channels() {
             quantize_model(&mut naive.model, &recipe, Some(&stats), backend.clone()).unwrap();
             let naive_err = mean_abs_err(&logits(&naive.model, &ids), &reference);
 
-            let (mut sq, _, mut stats) = prepared(name);
-            let groups = paper_groups(&sq.model).unwrap();
-            smooth_model(&mut sq.model, &groups, &mut stats, &AlphaSpec::Global(0.5)).unwrap();
-            quantize_model(&mut sq.model, &recipe, Some(&stats), backend.clone()).unwrap();
-            let sq_err = mean_abs_err(&logits(&sq.model, &ids), &reference);
-            assert!(
-                sq_err < naive_err,
-                "{name} {recipe:?}: smoothquant {sq_err} vs naive {naive_err}"
-            );
+            for targets in [SmoothTargets::Paper, SmoothTargets::All] {
+                let (mut sq, _, mut stats) = prepared(name);
+                let groups = smoothing_groups(&sq.model, targets).unwrap();
+                smooth_model(&mut sq.model, &groups, &mut stats, &AlphaSpec::Global(0.5)).unwrap();
+                quantize_model(&mut sq.model, &recipe, Some(&stats), backend.clone()).unwrap();
+                let sq_err = mean_abs_err(&logits(&sq.model, &ids), &reference);
+                assert!(
+                    sq_err < naive_err,
+                    "{name} {recipe:?} {targets:?}: smoothquant {sq_err} vs naive {naive_err}"
+                );
+            }
         }
     }
 }
@@ -185,12 +195,22 @@ fn every_int8_linear_equals_its_oracle_on_the_same_input() {
                         + if i % k == 3 { 25.0 } else { 0.0 }
                 })
                 .collect();
-            for weights in [WeightGranularity::Channel, WeightGranularity::Tensor] {
+            // The same Linear with a run-time smoothing divide fused into its quantizer.
+            let mut divided = fp.clone();
+            let factors: Vec<f32> = (0..k).map(|c| 1.0 / (0.5 + (c % 7) as f32)).collect();
+            divided.smooth_input_at_runtime(&factors).unwrap();
+            for (fp, weights) in [
+                (fp, WeightGranularity::Channel),
+                (fp, WeightGranularity::Tensor),
+                (&divided, WeightGranularity::Channel),
+                (&divided, WeightGranularity::Tensor),
+            ] {
                 let statics = ActQuant::Static {
                     scale: stats.get(&l.name).unwrap().tensor_absmax().max(26.0) / 127.0,
                 };
                 for act in [ActQuant::Token, ActQuant::Tensor, statics] {
                     let a = Int8Linear::from_fp(fp, weights, act, backend.clone()).unwrap();
+                    assert_eq!(a.input_smoothing(), fp.input_smoothing());
                     let b = FakeQuantLinear::from_fp(fp, weights, act).unwrap();
                     let (mut ya, mut yb) = (
                         vec![0.0; m * fp.out_features()],
@@ -264,4 +284,84 @@ fn alpha_search_picks_per_group_strengths_that_beat_naive() {
             "{name}: auto {auto_err} vs naive {naive_err}"
         );
     }
+}
+
+/// The model-level stage of `--alpha auto` tries the global grid, the group subsets and the
+/// per-group choices on the real INT8 path, and its choice reproduces its calibration loss.
+#[test]
+fn model_level_alpha_refinement_keeps_the_lowest_loss() {
+    use sq_smooth::{default_grid, refine_alphas, search_alphas};
+    let backend = sq_kernels::select_backend().unwrap();
+    let recipe = Recipe::O3;
+    let (mut loaded, ids, stats) = prepared("llama-gqa");
+    let groups = smoothing_groups(&loaded.model, SmoothTargets::All).unwrap();
+    let names: Vec<String> = groups.iter().map(|g| g.name().to_string()).collect();
+    let cfg = CalibConfig {
+        samples: 1,
+        seq_len: 96,
+        seed: 0,
+    };
+    let samples = sq_calib::sample_inputs(&mut loaded.model, &ids, &cfg, &names, 96, 1).unwrap();
+    let local = search_alphas(
+        &loaded.model,
+        &groups,
+        &stats,
+        &samples,
+        &recipe,
+        &default_grid(),
+        |_, _| {},
+    )
+    .unwrap();
+    let windows: Vec<&[u32]> = ids.chunks(48).collect();
+    let quantize = |m: &mut Model, st: &StatsTable| {
+        quantize_model(m, &recipe, Some(st), backend.clone()).map(|_| ())
+    };
+    let grid = [0.3, 0.5, 0.7];
+    let r = refine_alphas(
+        &loaded.model,
+        &groups,
+        &stats,
+        &local,
+        &grid,
+        &windows,
+        quantize,
+        |_, _| {},
+    )
+    .unwrap();
+    // 3 global + up to 2 refinements + 3 subsets + 2 per-group.
+    assert!(r.tried.len() >= 8, "{:?}", r.tried.len());
+    assert!(r.tried.iter().any(|c| c.label.contains("norm groups only")));
+    assert!(r.tried.iter().any(|c| c.label.starts_with("per-group")));
+    for c in &r.tried {
+        assert!(c.mean_nll.is_finite());
+        assert!(
+            r.chosen.mean_nll <= c.mean_nll,
+            "{} beats the chosen {}",
+            c.label,
+            r.chosen.label
+        );
+        assert!(c.groups.iter().all(|g| groups.contains(g)));
+    }
+    // The choice applies to a fresh copy, and the search is deterministic.
+    let mut again = loaded.model.try_clone().unwrap();
+    let mut st = stats.clone();
+    smooth_model(&mut again, &r.chosen.groups, &mut st, &r.chosen.alphas).unwrap();
+    quantize_model(&mut again, &recipe, Some(&st), backend.clone()).unwrap();
+    let fp_logits = logits(&again, windows[0]);
+    assert!(fp_logits.iter().all(|v| v.is_finite()));
+    let r2 = refine_alphas(
+        &loaded.model,
+        &groups,
+        &stats,
+        &local,
+        &grid,
+        &windows,
+        |m: &mut Model, st: &StatsTable| {
+            quantize_model(m, &recipe, Some(st), backend.clone()).map(|_| ())
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(r2.chosen.label, r.chosen.label);
+    assert_eq!(r2.chosen.mean_nll, r.chosen.mean_nll);
 }

@@ -3,7 +3,7 @@ use crate::args::DemoArgs;
 use anyhow::Result;
 use sq_calib::{calibrate, CalibConfig};
 use sq_model::{generate, perplexity, LoadedModel, Sampler};
-use sq_smooth::{paper_groups, quantize_model, smooth_model, AlphaSpec, Recipe};
+use sq_smooth::{quantize_model, smooth_model, smoothing_groups, AlphaSpec, Recipe, SmoothTargets};
 
 /// Calibration and evaluation text for the demo: stories the embedded model wrote itself (seeded
 /// sampling, see `assets/demo/README.md`), so the demo needs nothing outside the repository.
@@ -33,7 +33,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let mut loaded: LoadedModel = sq_model::load(None, None)?;
         let mut s = stats.clone();
         if scheme == "smoothquant" {
-            let groups = paper_groups(&loaded.model)?;
+            let groups = smoothing_groups(&loaded.model, SmoothTargets::All)?;
             smooth_model(
                 &mut loaded.model,
                 &groups,

@@ -136,7 +136,7 @@ fn outlier_ratios(
         acts: crate::args::ActGranularity::Token,
         preset: None,
         alpha: a.alpha.clone(),
-        smooth_targets: crate::args::SmoothTargets::Paper,
+        smooth_targets: a.smooth_targets,
         calib: a.calib.clone(),
         act_scales: a.act_scales.clone(),
         int8_attention: false,
@@ -151,7 +151,7 @@ fn outlier_ratios(
         .map(|s| (s.name().to_string(), s.max_median_ratio()))
         .collect();
     // Smoothing a copy of the model updates the statistics to what the smoothed model sees.
-    let after = match sq_smooth::paper_groups(&loaded.model) {
+    let after = match sq_smooth::smoothing_groups(&loaded.model, a.smooth_targets.into()) {
         Ok(groups) => {
             sq_smooth::smooth_model(&mut loaded.model, &groups, &mut stats, &alpha)?;
             stats

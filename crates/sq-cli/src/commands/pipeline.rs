@@ -1,12 +1,12 @@
 //! From an FP model and the quantization options to a model running a scheme.
 
 use super::common::{bar, load_model, read_text, Scheme};
-use crate::args::{ActGranularity, ModelArgs, Preset, QuantArgs, SmoothTargets, WeightGranularity};
+use crate::args::{ActGranularity, ModelArgs, Preset, QuantArgs, WeightGranularity};
 use anyhow::{bail, Context, Result};
 use sq_calib::{calibrate, CalibConfig, StatsTable};
 use sq_model::LoadedModel;
 use sq_smooth::{
-    paper_groups, quantize_model, smooth_model, ActPolicy, AlphaSpec, GroupResult, Recipe,
+    quantize_model, smooth_model, smoothing_groups, ActPolicy, AlphaSpec, GroupResult, Recipe,
 };
 
 /// The W8A8 recipe chosen by `--preset` or `--weights`/`--acts`.
@@ -119,7 +119,7 @@ pub fn auto_alpha(
     recipe: &Recipe,
     q: &QuantArgs,
     show: bool,
-) -> Result<AlphaSpec> {
+) -> Result<(AlphaSpec, Vec<sq_smooth::SmoothGroup>)> {
     let data = q
         .calib
         .calib_data
@@ -152,10 +152,50 @@ pub fn auto_alpha(
     for c in &choices {
         tracing::info!(group = %c.group, alpha = c.alpha, error = c.error, error_at_half = c.error_at_half, "alpha search");
     }
-    Ok(AlphaSpec::PerGroup {
-        default: 0.5,
-        groups: choices.into_iter().map(|c| (c.group, c.alpha)).collect(),
-    })
+    // Model-level stage: whole-model candidates scored by the quantized model's loss on a few
+    // calibration windows (the per-group errors alone do not always track perplexity).
+    let seq_len = cfg.seq_len.max(2);
+    let windows: Vec<&[u32]> = tokens.chunks_exact(seq_len).take(4).collect();
+    if windows.is_empty() {
+        bail!(
+            "--alpha auto: the calibration text has {} tokens, fewer than one window of --calib-seq-len {seq_len}",
+            tokens.len()
+        );
+    }
+    let grid: Vec<f32> = (3..=8).map(|i| i as f32 / 10.0).collect();
+    let backend = sq_kernels::select_backend()?;
+    let pb = bar((grid.len() + 2) as u64, "alpha search (model)", show);
+    let refinement = sq_smooth::refine_alphas(
+        &loaded.model,
+        groups,
+        stats,
+        &choices,
+        &grid,
+        &windows,
+        |m, st| quantize_model(m, recipe, Some(st), backend.clone()).map(|_| ()),
+        |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    let chosen = refinement.chosen;
+    tracing::info!(candidate = %chosen.label, mean_nll = chosen.mean_nll, "alpha search: chosen");
+    if show {
+        eprintln!(
+            "alpha auto: {} (calibration loss {:.4}; {} candidates tried)",
+            chosen.label,
+            chosen.mean_nll,
+            refinement.tried.len()
+        );
+    }
+    // Reports name every smoothed group's α.
+    let spec = AlphaSpec::PerGroup {
+        default: chosen.alphas.for_group(""),
+        groups: chosen
+            .groups
+            .iter()
+            .map(|g| (g.name().to_string(), chosen.alphas.for_group(g.name())))
+            .collect(),
+    };
+    Ok((spec, chosen.groups))
 }
 
 /// What was done to build a scheme's model, for reports.
@@ -185,14 +225,11 @@ pub fn build(
     let mut stats = stats.clone();
     let recipe = recipe(q);
     if scheme == Scheme::SmoothQuant {
-        if q.smooth_targets == SmoothTargets::All {
-            bail!("--smooth-targets all (smoothing every Linear input) is not in this build yet; use --smooth-targets paper");
-        }
-        let groups = paper_groups(&loaded.model)?;
-        let spec = if is_auto(q) {
+        let groups = smoothing_groups(&loaded.model, q.smooth_targets.into())?;
+        let (spec, groups) = if is_auto(q) {
             auto_alpha(&mut loaded, &groups, &stats, &recipe, q, show)?
         } else {
-            alpha(q)?
+            (alpha(q)?, groups)
         };
         smoothing = smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?;
     }
@@ -241,12 +278,10 @@ pub fn scheme_fields_for(
     };
     m.insert("weights".into(), w);
     m.insert("acts".into(), a);
+    let targets = serde_json::Value::from(sq_smooth::SmoothTargets::from(q.smooth_targets).name());
     let (alpha, targets) = match scheme {
-        Scheme::SmoothQuant if is_auto(q) => (
-            serde_json::Value::from("auto"),
-            serde_json::Value::from("paper"),
-        ),
-        Scheme::SmoothQuant => (alpha_json(&alpha(q)?), serde_json::Value::from("paper")),
+        Scheme::SmoothQuant if is_auto(q) => (serde_json::Value::from("auto"), targets),
+        Scheme::SmoothQuant => (alpha_json(&alpha(q)?), targets),
         _ => (serde_json::Value::Null, serde_json::Value::Null),
     };
     m.insert("alpha".into(), alpha);

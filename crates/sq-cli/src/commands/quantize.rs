@@ -1,8 +1,8 @@
 use super::common::{model_label, print_json, show_progress, spinner, Scheme};
 use super::pipeline::{alpha, alpha_json, recipe, statistics};
-use crate::args::{ExportFormat, QuantizeArgs, SmoothTargets};
+use crate::args::{ExportFormat, QuantizeArgs};
 use anyhow::{bail, Context, Result};
-use sq_smooth::{paper_groups, save_native, smooth_model, ExportInfo};
+use sq_smooth::{save_native, smooth_model, smoothing_groups, ExportInfo};
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
     if a.format == ExportFormat::CompressedTensors {
@@ -44,15 +44,14 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let recipe = recipe(&a.quant);
     let mut record = serde_json::Map::new();
     let mut alphas = serde_json::Map::new();
+    let mut folds = serde_json::Map::new();
+    let targets = sq_smooth::SmoothTargets::from(a.quant.smooth_targets);
     if let Some(spec) = &alpha_spec {
-        if a.quant.smooth_targets == SmoothTargets::All {
-            bail!("--smooth-targets all (smoothing every Linear input) is not in this build yet; use --smooth-targets paper");
-        }
-        let groups = paper_groups(&loaded.model)?;
-        let spec = if super::pipeline::is_auto(&a.quant) {
+        let groups = smoothing_groups(&loaded.model, a.quant.smooth_targets.into())?;
+        let (spec, groups) = if super::pipeline::is_auto(&a.quant) {
             super::pipeline::auto_alpha(&mut loaded, &groups, &stats, &recipe, &a.quant, show)?
         } else {
-            spec.clone()
+            (spec.clone(), groups)
         };
         let results = smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?;
         for r in &results {
@@ -60,6 +59,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
                 r.group.name().to_string(),
                 super::pipeline::f32_json(r.alpha),
             );
+            folds.insert(r.group.name().to_string(), r.group.fold.describe().into());
         }
         record.insert(
             "alpha".into(),
@@ -70,7 +70,8 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             },
         );
         record.insert("alphas".into(), alphas.clone().into());
-        record.insert("smooth_targets".into(), "paper".into());
+        record.insert("smooth_targets".into(), targets.name().into());
+        record.insert("folds".into(), folds.clone().into());
     }
     record.insert(
         "calibration".into(),
@@ -126,7 +127,8 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             "acts": recipe.acts.name(),
             "alpha": if super::pipeline::is_auto(&a.quant) { serde_json::Value::from("auto") } else { alpha_spec.as_ref().map(alpha_json).unwrap_or_default() },
             "alphas": alphas,
-            "smooth_targets": alpha_spec.as_ref().map(|_| "paper"),
+            "smooth_targets": alpha_spec.as_ref().map(|_| targets.name()),
+            "folds": folds,
             "checkpoint_bytes": bytes,
         }));
     }
