@@ -41,7 +41,9 @@ pub use fold::{smooth_model, AlphaSpec, GroupResult};
 pub use groups::{
     paper_groups, paper_specs, GroupSpec, SmoothGroup, BLOOM_PAPER, LLAMA_PAPER, OPT_PAPER,
 };
-pub use quantize::{fake_quantize_model, quantize_model, ActPolicy, Recipe};
+pub use quantize::{
+    fake_quantize_model, quantize_model, quantize_model_with_progress, ActPolicy, Recipe,
+};
 pub use search::{default_grid, search_alphas, AlphaChoice};
 
 /// Smallest smoothing scale and smallest weight range, as in the official code.

@@ -1,4 +1,4 @@
-use super::common::{bar, load_model, model_label, print_json, read_text, show_progress};
+use super::common::{load_model, model_label, print_json, read_text, show_progress, token_bar};
 use crate::args::CalibrateArgs;
 use anyhow::{Context, Result};
 use sq_calib::{calibrate, CalibConfig};
@@ -14,12 +14,21 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         seq_len: a.calib_seq_len,
         seed: a.seed,
     };
-    let windows = sq_calib::calibration_windows(tokens.len(), &cfg)?;
+    let windows = sq_calib::calibration_windows(tokens.len(), &cfg)
+        .with_context(|| format!("cannot calibrate on {}", a.calib_data.display()))?;
     let total_tokens: usize = windows.iter().map(|w| w.len()).sum();
-    let pb = bar(windows.len() as u64, "calibrating", show);
+    let done_tokens: Vec<u64> = windows
+        .iter()
+        .scan(0u64, |acc, w| {
+            *acc += w.len() as u64;
+            Some(*acc)
+        })
+        .collect();
+    let _span = tracing::info_span!("calibrate", windows = windows.len()).entered();
+    let pb = token_bar(total_tokens as u64, "calibrating", show);
     let start = Instant::now();
     let stats = calibrate(&mut loaded.model, &tokens, &cfg, |done, _| {
-        pb.set_position(done as u64)
+        pb.set_position(done_tokens[done - 1])
     })
     .with_context(|| format!("calibration of {} failed", model_label(&loaded)))?;
     pb.finish_and_clear();

@@ -136,35 +136,52 @@ pub fn show_progress(json: bool) -> bool {
 }
 
 pub fn spinner(msg: &str, show: bool) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(
-        None,
-        if show {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
+    let pb = ProgressBar::with_draw_target(None, target(show));
     pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"),
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static template"),
     );
     pb.set_message(msg.to_string());
     pb.enable_steady_tick(Duration::from_millis(120));
     pb
 }
 
+fn target(show: bool) -> ProgressDrawTarget {
+    if show {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    }
+}
+
+/// A bar over `len` items (`unit`: "groups", "Linears"), with rate and ETA.
 pub fn bar(len: u64, msg: &str, show: bool) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(
-        Some(len),
-        if show {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
+    let pb = ProgressBar::with_draw_target(Some(len), target(show));
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>14} [{bar:30}] {pos}/{len} {per_sec:.dim} eta {eta} ({elapsed})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// A bar over `tokens` tokens, with tokens/s and ETA: calibration and evaluation.
+pub fn token_bar(tokens: u64, msg: &str, show: bool) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(tokens), target(show));
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:>14} [{bar:30}] {human_pos}/{human_len} tokens {tps} eta {eta} ({elapsed})",
+        )
+        .expect("static template")
+        .with_key(
+            "tps",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} tok/s", state.per_sec());
+            },
+        )
+        .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
     pb
@@ -178,6 +195,7 @@ pub fn load_model(args: &ModelArgs, show: bool) -> Result<LoadedModel> {
         .map_or("embedded stories260K".to_string(), |p| {
             p.display().to_string()
         });
+    let _span = tracing::info_span!("load", model = %what).entered();
     let pb = spinner(&format!("loading {what}"), show);
     let loaded = sq_model::load(args.model.as_deref(), args.tokenizer.as_deref())
         .with_context(|| format!("cannot load the model {what}"))?;

@@ -1,6 +1,6 @@
 use super::common::{
-    bar, model_label, print_json, read_text, require_runnable, show_progress, stats_if_needed,
-    Scheme,
+    model_label, print_json, read_text, require_runnable, show_progress, stats_if_needed,
+    token_bar, Scheme,
 };
 use super::pipeline::build;
 use crate::args::EvalArgs;
@@ -26,13 +26,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
         label = model_label(loaded);
         let tokens = loaded.tokenizer.encode(&text)?;
         let windows = (tokens.len() / a.seq_len.max(1)).min(a.max_windows.unwrap_or(usize::MAX));
-        let pb = bar(windows as u64, &format!("eval {}", scheme.name()), show);
+        let _span = tracing::info_span!("eval", scheme = scheme.name(), windows).entered();
+        let pb = token_bar(
+            (windows * a.seq_len) as u64,
+            &format!("eval {}", scheme.name()),
+            show,
+        );
         let p = perplexity(
             &loaded.model,
             &tokens,
             a.seq_len,
             a.max_windows,
-            |done, _| pb.set_position(done as u64),
+            |done, _| pb.set_position((done * a.seq_len) as u64),
         )?;
         pb.finish_and_clear();
         let mut row =
