@@ -128,7 +128,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!(
             "{:<12} {:>10} {:>14.1} {:>14.1} {:>12.1} {:>12.1}",
             r["scheme"].as_str().unwrap_or(""),
-            r["prompt_len"],
+            r["prompt_len"].as_u64().unwrap_or(0),
             r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,

@@ -1,13 +1,24 @@
-use super::common::{load_model, model_label, print_json, read_text, show_progress, token_bar};
+use super::common::{
+    check_out_file, load_model, model_label, print_json, read_text, show_progress, token_bar,
+};
 use crate::args::CalibrateArgs;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sq_calib::{calibrate, CalibConfig};
 use std::time::Instant;
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
     let show = show_progress(a.json);
+    check_out_file(&a.out, "--out")?;
     let text = read_text(&a.calib_data, "calibration data (--calib-data)")?;
     let mut loaded = load_model(&a.model, show)?;
+    let context = loaded.model.config.max_position_embeddings;
+    if a.calib_seq_len > context {
+        bail!(
+            "--calib-seq-len {} is longer than the model's context of {context} tokens; pass \
+             --calib-seq-len {context} or less",
+            a.calib_seq_len
+        );
+    }
     let tokens = loaded.tokenizer.encode(&text)?;
     let cfg = CalibConfig {
         samples: a.calib_samples,

@@ -4,7 +4,7 @@ use super::common::{
 };
 use super::pipeline::build;
 use crate::args::EvalArgs;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use sq_model::perplexity;
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -24,6 +24,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let built = build(*scheme, &a.model, &a.quant, stats.as_ref(), show)?;
         let loaded = &built.loaded;
         label = model_label(loaded);
+        let context = loaded.model.config.max_position_embeddings;
+        if a.seq_len > context {
+            bail!(
+                "--seq-len {} is longer than the model's context of {context} tokens; pass \
+                 --seq-len {context} or less",
+                a.seq_len
+            );
+        }
         let tokens = loaded.tokenizer.encode(&text)?;
         let windows = (tokens.len() / a.seq_len.max(1)).min(a.max_windows.unwrap_or(usize::MAX));
         let _span = tracing::info_span!("eval", scheme = scheme.name(), windows).entered();

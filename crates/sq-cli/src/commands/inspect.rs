@@ -126,6 +126,7 @@ fn outlier_stats(
 ) -> Result<Outliers> {
     let alpha = super::pipeline::alpha(q)?;
     let before = super::pipeline::statistics_of(Some(loaded), q, show)?;
+    super::common::check_stats_fit(&loaded.model, &before)?;
     let mut after = before.clone();
     // Smoothing the model (a copy held only by this command) updates the statistics to what
     // the smoothed model's Linears see.

@@ -53,12 +53,20 @@ pub fn alpha(q: &QuantArgs) -> Result<AlphaSpec> {
     }
     let path = std::path::Path::new(text);
     if !path.is_file() {
-        bail!("--alpha `{text}` is neither a number in [0, 1], `auto`, nor an existing JSON file");
+        bail!(
+            "--alpha `{text}` is neither a number in [0, 1], `auto`, nor an existing JSON file; \
+             e.g. --alpha 0.5 (the paper's default), --alpha auto, or --alpha alphas.json"
+        );
     }
     let json = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the alpha table {}", path.display()))?;
-    AlphaSpec::from_json(&json, 0.5)
-        .with_context(|| format!("invalid alpha table {}", path.display()))
+    AlphaSpec::from_json(&json, 0.5).with_context(|| {
+        format!(
+            "invalid alpha table {} (it must be one JSON object mapping smoothing groups to numbers \
+             in [0, 1], e.g. {{\"model.layers.0.self_attn.q_proj\": 0.8}})",
+            path.display()
+        )
+    })
 }
 
 /// The JSON value of `--alpha` for reports.
@@ -103,13 +111,31 @@ pub fn statistics_of(
     show: bool,
 ) -> Result<StatsTable> {
     if let Some(path) = &q.act_scales {
-        return StatsTable::load(path)
-            .with_context(|| format!("cannot read the activation statistics {}", path.display()));
+        return load_act_scales(path);
     }
     match loaded {
         Some(loaded) => calibrate_loaded(loaded, q, show),
         None => bail!("quantized schemes need --calib-data FILE or --act-scales FILE"),
     }
+}
+
+/// Read `--act-scales`, with messages that say what the file should be.
+pub fn load_act_scales(path: &std::path::Path) -> Result<StatsTable> {
+    if !path.is_file() {
+        bail!(
+            "--act-scales {}: no such file; write one with `smoothquant calibrate --calib-data FILE \
+             --out {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    StatsTable::load(path).with_context(|| {
+        format!(
+            "cannot read the activation statistics {} (--act-scales takes a .safetensors file \
+             written by `smoothquant calibrate`)",
+            path.display()
+        )
+    })
 }
 
 /// Calibrate `loaded` on `--calib-data`, with a tokens/s progress bar.
@@ -224,6 +250,7 @@ pub fn build(
         return Ok(Built { loaded, smoothing });
     }
     let stats = stats.context("quantized schemes need calibration statistics")?;
+    super::common::check_stats_fit(&loaded.model, stats)?;
     let mut stats = stats.clone();
     let recipe = recipe(q);
     if scheme == Scheme::SmoothQuant {
