@@ -2,8 +2,9 @@
 //!
 //! - `cargo xtask ci [--no-test]`: rustfmt check, clippy with warnings denied, then the README's
 //!   test command (the same one `.ci/run` runs).
-//! - `cargo xtask snapshots [--accept|--reject]`: run the tests recording insta snapshot
-//!   changes, show them, then accept or reject them.
+//! - `cargo xtask snapshots [--accept|--reject] [CARGO TEST ARGS]`: run the tests recording
+//!   insta snapshot changes (the whole workspace unless narrowed, e.g. `-p sq-cli --test
+//!   snapshots`), show them, then accept or reject them.
 //! - `cargo xtask bench [gemm|model|all] [--threads N] [--json]`: benchmarks.
 
 mod gemm_bench;
@@ -17,7 +18,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ci [--no-test]                         fmt check, clippy -D warnings, then the README test command
   test-command                           print the test command written in README.md
-  snapshots [--accept|--reject]          review pending insta snapshots (accept or reject them)
+  snapshots [--accept|--reject] [ARGS]   run the tests (ARGS narrow `cargo test`, default --workspace)
+                                         and show pending insta snapshots, or accept/reject them
   bench [gemm|model|all] [--threads N] [--json]
                                          benchmarks (see ../shared/cli-contract.md)";
 
@@ -112,9 +114,16 @@ fn snapshots(root: &Path, args: &[String]) -> Result<()> {
     let accept = args.iter().any(|a| a == "--accept");
     let reject = args.iter().any(|a| a == "--reject");
     if !accept && !reject {
-        // Record every changed snapshot as `.snap.new` without failing the run.
-        let _ = Command::new("cargo")
-            .args(["test", "--workspace"])
+        // Record every changed snapshot as `.snap.new` without failing the run. Extra arguments
+        // narrow the run (`cargo xtask snapshots -p sq-cli --test snapshots`).
+        let mut test = Command::new("cargo");
+        test.arg("test");
+        if args.is_empty() {
+            test.arg("--workspace");
+        } else {
+            test.args(args);
+        }
+        let _ = test
             .env("INSTA_UPDATE", "new")
             .env("INSTA_FORCE_PASS", "1")
             .status();

@@ -15,12 +15,13 @@ use std::path::PathBuf;
     propagate_version = true
 )]
 pub struct Cli {
-    /// More logging on stderr: -v shows tracing spans with timings, -vv everything
+    /// More logging on stderr: -v times each phase (load, calibrate, smooth, quantize, eval),
+    /// -vv also every forward pass, decoder layer and quantized Linear
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 
-    /// Worker threads for the kernels (default: all cores)
-    #[arg(long, global = true, value_name = "N")]
+    /// Worker threads for every subcommand's kernels (default: all cores)
+    #[arg(long, global = true, value_name = "N", value_parser = positive)]
     pub threads: Option<usize>,
 
     #[command(subcommand)]
@@ -120,11 +121,11 @@ pub struct CalibArgs {
     pub calib_data: Option<PathBuf>,
 
     /// Number of random calibration windows
-    #[arg(long, value_name = "N", default_value_t = 128)]
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = positive)]
     pub calib_samples: usize,
 
     /// Tokens per calibration window
-    #[arg(long, value_name = "N", default_value_t = 512)]
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = positive)]
     pub calib_seq_len: usize,
 
     /// Seed for calibration windows and sampling
@@ -200,9 +201,14 @@ pub struct InspectArgs {
     /// Which Linear inputs are smoothed for the "after smoothing" statistics
     #[arg(long, value_enum, default_value_t = SmoothTargets::All)]
     pub smooth_targets: SmoothTargets,
-    /// Draw the per-channel ranges and per-layer outlier ratios to this PNG
+    /// Draw one Linear input's per-channel ranges and every layer's outlier ratios, before and
+    /// after smoothing, to this PNG (needs --calib-data or --act-scales)
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,
+    /// The Linear whose input --plot draws (default: the smoothed input with the largest
+    /// outlier ratio)
+    #[arg(long, value_name = "NAME")]
+    pub plot_linear: Option<String>,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,
@@ -216,10 +222,10 @@ pub struct CalibrateArgs {
     #[arg(long, alias = "data", value_name = "FILE")]
     pub calib_data: PathBuf,
     /// Number of random calibration windows
-    #[arg(long, value_name = "N", default_value_t = 128)]
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = positive)]
     pub calib_samples: usize,
     /// Tokens per calibration window
-    #[arg(long, value_name = "N", default_value_t = 512)]
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = positive)]
     pub calib_seq_len: usize,
     /// Seed for choosing the windows
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -262,10 +268,10 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
     /// Tokens per window
-    #[arg(long, value_name = "N", default_value_t = 2048)]
+    #[arg(long, value_name = "N", default_value_t = 2048, value_parser = at_least_two)]
     pub seq_len: usize,
     /// Evaluate at most this many windows
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = positive)]
     pub max_windows: Option<usize>,
     /// Print one JSON object
     #[arg(long)]
@@ -325,4 +331,24 @@ pub struct BenchArgs {
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,
+}
+
+/// A count that must be at least 1.
+fn positive(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
+}
+
+/// A window length: perplexity predicts every token but the first, so at least 2.
+fn at_least_two(s: &str) -> Result<usize, String> {
+    let n = positive(s)?;
+    if n < 2 {
+        return Err("a window needs at least 2 tokens (the first is not predicted)".into());
+    }
+    Ok(n)
 }

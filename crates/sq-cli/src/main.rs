@@ -9,6 +9,13 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // `smoothquant inspect | head` closes stdout early: end quietly as other Unix tools do,
+    // instead of failing to print (Rust ignores SIGPIPE by default).
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to its default before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // A panic is a bug, never the way a user error is reported: say so plainly.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("internal error (a bug in smoothquant, please report it): {info}");
@@ -46,10 +53,12 @@ fn main() -> ExitCode {
 
 fn init_logging(verbose: u8) {
     use tracing_subscriber::fmt::format::FmtSpan;
+    // -v: one timed span per phase (load, calibrate, smooth, quantize, eval); -vv: also every
+    // forward, calibration window, α-search group, and each decoder layer and quantized Linear.
     let default = match verbose {
         0 => "warn",
         1 => "info",
-        _ => "debug",
+        _ => "debug,sq_model=trace,sq_smooth=trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SQ_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

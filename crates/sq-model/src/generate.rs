@@ -235,7 +235,7 @@ pub fn perplexity(
     let windows = max_windows.map_or(available, |m| m.min(available));
     if windows == 0 {
         return Err(ModelError::Invalid(format!(
-            "the text has {} tokens, fewer than one window of --seq-len {seq_len}",
+            "the text has {} tokens, fewer than one window of --seq-len {seq_len}; use a longer text or a smaller --seq-len",
             tokens.len()
         )));
     }

@@ -43,7 +43,9 @@ pub use groups::{
     SmoothGroup, SmoothTargets, SourceSpec, BLOOM_BEYOND, BLOOM_PAPER, LLAMA_BEYOND, LLAMA_PAPER,
     OPT_BEYOND, OPT_PAPER,
 };
-pub use quantize::{fake_quantize_model, quantize_model, ActPolicy, Recipe};
+pub use quantize::{
+    fake_quantize_model, quantize_model, quantize_model_with_progress, ActPolicy, Recipe,
+};
 pub use search::{
     default_grid, refine_alphas, search_alphas, AlphaCandidate, AlphaChoice, AlphaRefinement,
 };

@@ -88,7 +88,18 @@ pub fn quantize_model(
     stats: Option<&StatsTable>,
     backend: Arc<dyn Int8Gemm>,
 ) -> Result<usize> {
-    quantize_with(model, recipe, stats, |fp, act| {
+    quantize_model_with_progress(model, recipe, stats, backend, |_, _| {})
+}
+
+/// [`quantize_model`], calling `progress(done, total)` after each Linear (progress bars).
+pub fn quantize_model_with_progress(
+    model: &mut Model,
+    recipe: &Recipe,
+    stats: Option<&StatsTable>,
+    backend: Arc<dyn Int8Gemm>,
+    progress: impl FnMut(usize, usize),
+) -> Result<usize> {
+    quantize_with(model, recipe, stats, progress, |fp, act| {
         Ok(Box::new(Int8Linear::from_fp(
             fp,
             recipe.weights,
@@ -104,17 +115,23 @@ pub fn fake_quantize_model(
     recipe: &Recipe,
     stats: Option<&StatsTable>,
 ) -> Result<usize> {
-    quantize_with(model, recipe, stats, |fp, act| {
-        Ok(Box::new(FakeQuantLinear::from_fp(fp, recipe.weights, act)?))
-    })
+    quantize_with(
+        model,
+        recipe,
+        stats,
+        |_, _| {},
+        |fp, act| Ok(Box::new(FakeQuantLinear::from_fp(fp, recipe.weights, act)?)),
+    )
 }
 
 fn quantize_with(
     model: &mut Model,
     recipe: &Recipe,
     stats: Option<&StatsTable>,
+    mut progress: impl FnMut(usize, usize),
     make: impl Fn(&FpLinear, ActQuant) -> Result<Box<dyn sq_model::Linear>>,
 ) -> Result<usize> {
+    let total: usize = model.layers.iter().map(|b| b.linears().len()).sum();
     let mut count = 0;
     for block in &mut model.layers {
         for linear in block.linears_mut() {
@@ -128,6 +145,7 @@ fn quantize_with(
                 other => other,
             })?;
             count += 1;
+            progress(count, total);
         }
     }
     Ok(count)

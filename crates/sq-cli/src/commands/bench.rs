@@ -1,6 +1,6 @@
 use super::common::{
-    model_label, peak_rss_bytes, print_json, require_runnable, show_progress, stats_if_needed,
-    Scheme,
+    model_label, peak_rss_bytes, print_json, require_runnable, show_progress, spinner,
+    stats_if_needed, Scheme,
 };
 use super::pipeline::build;
 use crate::args::BenchArgs;
@@ -79,7 +79,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 );
                 continue;
             }
+            let _span =
+                tracing::info_span!("bench", scheme = scheme.name(), prompt_len = len).entered();
+            let pb = spinner(
+                &format!(
+                    "timing {}: prefill {len} tokens, decode {}",
+                    scheme.name(),
+                    a.gen_tokens
+                ),
+                show,
+            );
             let (prefill, decode) = measure(model, len, a.gen_tokens, a.quant.calib.seed)?;
+            pb.finish_and_clear();
             let mut row = super::pipeline::scheme_fields_for(
                 *scheme,
                 &a.quant,
@@ -117,7 +128,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!(
             "{:<12} {:>10} {:>14.1} {:>14.1} {:>12.1} {:>12.1}",
             r["scheme"].as_str().unwrap_or(""),
-            r["prompt_len"],
+            r["prompt_len"].as_u64().unwrap_or(0),
             r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,

@@ -1,25 +1,45 @@
-use super::common::{bar, load_model, model_label, print_json, read_text, show_progress};
+use super::common::{
+    check_out_file, load_model, model_label, print_json, read_text, show_progress, token_bar,
+};
 use crate::args::CalibrateArgs;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sq_calib::{calibrate, CalibConfig};
 use std::time::Instant;
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
     let show = show_progress(a.json);
+    check_out_file(&a.out, "--out")?;
     let text = read_text(&a.calib_data, "calibration data (--calib-data)")?;
     let mut loaded = load_model(&a.model, show)?;
+    let context = loaded.model.config.max_position_embeddings;
+    if a.calib_seq_len > context {
+        bail!(
+            "--calib-seq-len {} is longer than the model's context of {context} tokens; pass \
+             --calib-seq-len {context} or less",
+            a.calib_seq_len
+        );
+    }
     let tokens = loaded.tokenizer.encode(&text)?;
     let cfg = CalibConfig {
         samples: a.calib_samples,
         seq_len: a.calib_seq_len,
         seed: a.seed,
     };
-    let windows = sq_calib::calibration_windows(tokens.len(), &cfg)?;
+    let windows = sq_calib::calibration_windows(tokens.len(), &cfg)
+        .with_context(|| format!("cannot calibrate on {}", a.calib_data.display()))?;
     let total_tokens: usize = windows.iter().map(|w| w.len()).sum();
-    let pb = bar(windows.len() as u64, "calibrating", show);
+    let done_tokens: Vec<u64> = windows
+        .iter()
+        .scan(0u64, |acc, w| {
+            *acc += w.len() as u64;
+            Some(*acc)
+        })
+        .collect();
+    let _span = tracing::info_span!("calibrate", windows = windows.len()).entered();
+    let pb = token_bar(total_tokens as u64, "calibrating", show);
     let start = Instant::now();
     let stats = calibrate(&mut loaded.model, &tokens, &cfg, |done, _| {
-        pb.set_position(done as u64)
+        pb.set_position(done_tokens[done - 1])
     })
     .with_context(|| format!("calibration of {} failed", model_label(&loaded)))?;
     pb.finish_and_clear();

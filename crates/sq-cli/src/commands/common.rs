@@ -76,6 +76,10 @@ pub fn parse_schemes(quant: &QuantArgs, default: &[Scheme]) -> Result<Vec<Scheme
     let mut out = Vec::new();
     for s in list {
         let scheme = match s.trim() {
+            "" => bail!(
+                "--scheme: an empty entry in the list; give comma-separated names from fp32, naive, \
+                 smoothquant (e.g. --scheme fp32,smoothquant)"
+            ),
             "fp32" => Scheme::Fp32,
             "naive" => Scheme::Naive,
             "smoothquant" => Scheme::SmoothQuant,
@@ -104,10 +108,14 @@ pub fn require_runnable(schemes: &[Scheme], model: &ModelArgs, quant: &QuantArgs
         .map(|s| s.name())
         .collect();
     if !quantized.is_empty() && quant.calib.calib_data.is_none() && quant.act_scales.is_none() {
+        let (what, verb) = if quantized.len() == 1 {
+            (format!("scheme {}", quantized[0]), "quantizes")
+        } else {
+            (format!("schemes {}", quantized.join(" and ")), "quantize")
+        };
         bail!(
-            "scheme {} quantizes activations and needs calibration: pass --calib-data FILE (text) or \
-             --act-scales FILE (from `smoothquant calibrate`), or --scheme fp32 to run the FP model only",
-            quantized.join(", ")
+            "{what} {verb} activations and needs calibration: pass --calib-data FILE (text) or \
+             --act-scales FILE (from `smoothquant calibrate`), or --scheme fp32 to run the FP model only"
         );
     }
     // Validate --alpha early so a typo fails before minutes of calibration.
@@ -130,41 +138,85 @@ pub fn stats_if_needed(
     Ok(Some(super::pipeline::statistics(model, quant, show)?))
 }
 
+/// Check that activation statistics describe `model`: an entry with the right channel count for
+/// every decoder Linear (statistics from `--act-scales` may come from another model).
+pub fn check_stats_fit(model: &sq_model::Model, stats: &sq_calib::StatsTable) -> Result<()> {
+    let fix = "calibrate this model with `smoothquant calibrate --model M --calib-data FILE --out \
+               FILE.safetensors`, or pass --calib-data instead of --act-scales";
+    for block in &model.layers {
+        for l in block.linears() {
+            let Some(s) = stats.get(&l.name) else {
+                bail!(
+                    "the activation statistics have no entry for `{}`: they were calibrated on \
+                     another model; {fix}",
+                    l.name
+                );
+            };
+            let (have, want) = (s.channel_absmax().len(), l.linear.in_features());
+            if have != want {
+                bail!(
+                    "the activation statistics of `{}` have {have} channels but this model's Linear \
+                     has {want} inputs: they were calibrated on another model; {fix}",
+                    l.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether progress bars may draw: stderr is a terminal and no JSON was asked for.
 pub fn show_progress(json: bool) -> bool {
     !json && std::io::stderr().is_terminal()
 }
 
 pub fn spinner(msg: &str, show: bool) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(
-        None,
-        if show {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
+    let pb = ProgressBar::with_draw_target(None, target(show));
     pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"),
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static template"),
     );
     pb.set_message(msg.to_string());
     pb.enable_steady_tick(Duration::from_millis(120));
     pb
 }
 
+fn target(show: bool) -> ProgressDrawTarget {
+    if show {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    }
+}
+
+/// A bar over `len` items (`unit`: "groups", "Linears"), with rate and ETA.
 pub fn bar(len: u64, msg: &str, show: bool) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(
-        Some(len),
-        if show {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
+    let pb = ProgressBar::with_draw_target(Some(len), target(show));
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>14} [{bar:30}] {pos}/{len} {per_sec:.dim} eta {eta} ({elapsed})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// A bar over `tokens` tokens, with tokens/s and ETA: calibration and evaluation.
+pub fn token_bar(tokens: u64, msg: &str, show: bool) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(tokens), target(show));
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:>14} [{bar:30}] {human_pos}/{human_len} tokens {tps} eta {eta} ({elapsed})",
+        )
+        .expect("static template")
+        .with_key(
+            "tps",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} tok/s", state.per_sec());
+            },
+        )
+        .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
     pb
@@ -172,17 +224,35 @@ pub fn bar(len: u64, msg: &str, show: bool) -> ProgressBar {
 
 /// Load `--model` (or the embedded default), with a spinner.
 pub fn load_model(args: &ModelArgs, show: bool) -> Result<LoadedModel> {
+    if let Some(path) = &args.model {
+        if !path.exists() {
+            bail!(
+                "--model {}: no such file or directory; pass a Hugging Face model directory, a .gguf \
+                 file, a llama2.c .bin checkpoint or a directory written by `smoothquant quantize` \
+                 (or leave --model out for the embedded stories260K)",
+                path.display()
+            );
+        }
+    }
     let what = args
         .model
         .as_ref()
         .map_or("embedded stories260K".to_string(), |p| {
             p.display().to_string()
         });
+    let _span = tracing::info_span!("load", model = %what).entered();
     let pb = spinner(&format!("loading {what}"), show);
-    let loaded = sq_model::load(args.model.as_deref(), args.tokenizer.as_deref())
-        .with_context(|| format!("cannot load the model {what}"))?;
+    let loaded = sq_model::load(args.model.as_deref(), args.tokenizer.as_deref());
     pb.finish_and_clear();
-    Ok(loaded)
+    loaded.map_err(|e| {
+        // Library errors start with the file at fault: do not name the model twice.
+        let msg = e.to_string();
+        if msg.starts_with(&what) {
+            anyhow::anyhow!("cannot load the model: {msg}")
+        } else {
+            anyhow::anyhow!("cannot load the model {what}: {msg}")
+        }
+    })
 }
 
 /// The name users see for the model.
@@ -190,12 +260,37 @@ pub fn model_label(loaded: &LoadedModel) -> String {
     loaded.source.display().to_string()
 }
 
+/// Check that an output file's directory exists before any work is done.
+pub fn check_out_file(path: &std::path::Path, option: &str) -> Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent {
+        if !dir.is_dir() {
+            bail!(
+                "{option} {}: the directory {} does not exist; create it first or choose another path",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    if path.is_dir() {
+        bail!(
+            "{option} {} is a directory; give a file name, e.g. {}",
+            path.display(),
+            path.join("act_scales.safetensors").display()
+        );
+    }
+    Ok(())
+}
+
 /// Read a text file that must not be empty.
 pub fn read_text(path: &std::path::Path, what: &str) -> Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the {what} file {}", path.display()))?;
     if text.trim().is_empty() {
-        bail!("the {what} file {} is empty", path.display());
+        bail!(
+            "the {what} file {} is empty; pass a UTF-8 text file with some text in it",
+            path.display()
+        );
     }
     Ok(text)
 }

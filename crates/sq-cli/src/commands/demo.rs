@@ -112,7 +112,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             r["perplexity"].as_f64().unwrap_or(f64::NAN),
             r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
-            r["model_bytes"]
+            r["model_bytes"].as_u64().unwrap_or(0)
         );
     }
     println!();

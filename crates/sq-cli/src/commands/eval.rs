@@ -1,10 +1,10 @@
 use super::common::{
-    bar, model_label, print_json, read_text, require_runnable, show_progress, stats_if_needed,
-    Scheme,
+    model_label, print_json, read_text, require_runnable, show_progress, stats_if_needed,
+    token_bar, Scheme,
 };
 use super::pipeline::build;
 use crate::args::EvalArgs;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use sq_model::perplexity;
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -24,15 +24,28 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let built = build(*scheme, &a.model, &a.quant, stats.as_ref(), show)?;
         let loaded = &built.loaded;
         label = model_label(loaded);
+        let context = loaded.model.config.max_position_embeddings;
+        if a.seq_len > context {
+            bail!(
+                "--seq-len {} is longer than the model's context of {context} tokens; pass \
+                 --seq-len {context} or less",
+                a.seq_len
+            );
+        }
         let tokens = loaded.tokenizer.encode(&text)?;
         let windows = (tokens.len() / a.seq_len.max(1)).min(a.max_windows.unwrap_or(usize::MAX));
-        let pb = bar(windows as u64, &format!("eval {}", scheme.name()), show);
+        let _span = tracing::info_span!("eval", scheme = scheme.name(), windows).entered();
+        let pb = token_bar(
+            (windows * a.seq_len) as u64,
+            &format!("eval {}", scheme.name()),
+            show,
+        );
         let p = perplexity(
             &loaded.model,
             &tokens,
             a.seq_len,
             a.max_windows,
-            |done, _| pb.set_position(done as u64),
+            |done, _| pb.set_position((done * a.seq_len) as u64),
         )?;
         pb.finish_and_clear();
         let mut row =

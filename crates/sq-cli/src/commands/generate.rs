@@ -9,8 +9,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let schemes = super::common::schemes_for(&a.model, &a.quant, &[Scheme::Fp32])?;
     if schemes.len() != 1 {
         bail!(
-            "generate runs one scheme at a time; --scheme lists {}",
-            schemes.len()
+            "generate runs one scheme at a time, but --scheme lists {}; pass one, e.g. --scheme {}",
+            schemes.len(),
+            schemes[schemes.len() - 1].name()
         );
     }
     require_runnable(&schemes, &a.model, &a.quant)?;

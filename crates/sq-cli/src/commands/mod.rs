@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod pipeline;
+mod plot;
 mod quantize;
 
 use crate::args::Command;

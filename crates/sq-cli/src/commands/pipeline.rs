@@ -1,12 +1,13 @@
 //! From an FP model and the quantization options to a model running a scheme.
 
-use super::common::{bar, load_model, read_text, Scheme};
+use super::common::{bar, load_model, read_text, spinner, token_bar, Scheme};
 use crate::args::{ActGranularity, ModelArgs, Preset, QuantArgs, WeightGranularity};
 use anyhow::{bail, Context, Result};
 use sq_calib::{calibrate, CalibConfig, StatsTable};
 use sq_model::LoadedModel;
 use sq_smooth::{
-    quantize_model, smooth_model, smoothing_groups, ActPolicy, AlphaSpec, GroupResult, Recipe,
+    quantize_model, quantize_model_with_progress, smooth_model, smoothing_groups, ActPolicy,
+    AlphaSpec, GroupResult, Recipe,
 };
 
 /// The W8A8 recipe chosen by `--preset` or `--weights`/`--acts`.
@@ -52,12 +53,20 @@ pub fn alpha(q: &QuantArgs) -> Result<AlphaSpec> {
     }
     let path = std::path::Path::new(text);
     if !path.is_file() {
-        bail!("--alpha `{text}` is neither a number in [0, 1], `auto`, nor an existing JSON file");
+        bail!(
+            "--alpha `{text}` is neither a number in [0, 1], `auto`, nor an existing JSON file; \
+             e.g. --alpha 0.5 (the paper's default), --alpha auto, or --alpha alphas.json"
+        );
     }
     let json = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the alpha table {}", path.display()))?;
-    AlphaSpec::from_json(&json, 0.5)
-        .with_context(|| format!("invalid alpha table {}", path.display()))
+    AlphaSpec::from_json(&json, 0.5).with_context(|| {
+        format!(
+            "invalid alpha table {} (it must be one JSON object mapping smoothing groups to numbers \
+             in [0, 1], e.g. {{\"model.layers.0.self_attn.q_proj\": 0.8}})",
+            path.display()
+        )
+    })
 }
 
 /// The JSON value of `--alpha` for reports.
@@ -83,15 +92,58 @@ pub fn f32_json(x: f32) -> serde_json::Value {
 
 /// Statistics for the quantized schemes: `--act-scales`, or a calibration run on `--calib-data`.
 pub fn statistics(model: &ModelArgs, q: &QuantArgs, show: bool) -> Result<StatsTable> {
-    if let Some(path) = &q.act_scales {
-        return StatsTable::load(path)
-            .with_context(|| format!("cannot read the activation statistics {}", path.display()));
+    if q.act_scales.is_none() && q.calib.calib_data.is_some() {
+        // Read the text before the (possibly long) model load, so a bad file fails fast.
+        read_text(
+            q.calib.calib_data.as_deref().expect("checked"),
+            "calibration data (--calib-data)",
+        )?;
+        let mut loaded = load_model(model, show)?;
+        return calibrate_loaded(&mut loaded, q, show);
     }
+    statistics_of(None, q, show)
+}
+
+/// [`statistics`] on a model already loaded (`inspect`).
+pub fn statistics_of(
+    loaded: Option<&mut LoadedModel>,
+    q: &QuantArgs,
+    show: bool,
+) -> Result<StatsTable> {
+    if let Some(path) = &q.act_scales {
+        return load_act_scales(path);
+    }
+    match loaded {
+        Some(loaded) => calibrate_loaded(loaded, q, show),
+        None => bail!("quantized schemes need --calib-data FILE or --act-scales FILE"),
+    }
+}
+
+/// Read `--act-scales`, with messages that say what the file should be.
+pub fn load_act_scales(path: &std::path::Path) -> Result<StatsTable> {
+    if !path.is_file() {
+        bail!(
+            "--act-scales {}: no such file; write one with `smoothquant calibrate --calib-data FILE \
+             --out {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    StatsTable::load(path).with_context(|| {
+        format!(
+            "cannot read the activation statistics {} (--act-scales takes a .safetensors file \
+             written by `smoothquant calibrate`)",
+            path.display()
+        )
+    })
+}
+
+/// Calibrate `loaded` on `--calib-data`, with a tokens/s progress bar.
+fn calibrate_loaded(loaded: &mut LoadedModel, q: &QuantArgs, show: bool) -> Result<StatsTable> {
     let Some(data) = &q.calib.calib_data else {
         bail!("quantized schemes need --calib-data FILE or --act-scales FILE");
     };
     let text = read_text(data, "calibration data (--calib-data)")?;
-    let mut loaded = load_model(model, show)?;
     let tokens = loaded.tokenizer.encode(&text)?;
     let cfg = CalibConfig {
         samples: q.calib.calib_samples,
@@ -101,10 +153,23 @@ pub fn statistics(model: &ModelArgs, q: &QuantArgs, show: bool) -> Result<StatsT
             .min(loaded.model.config.max_position_embeddings),
         seed: q.calib.seed,
     };
-    let windows = sq_calib::calibration_windows(tokens.len(), &cfg)?;
-    let pb = bar(windows.len() as u64, "calibrating", show);
+    let windows = sq_calib::calibration_windows(tokens.len(), &cfg)
+        .with_context(|| format!("cannot calibrate on {}", data.display()))?;
+    let _span = tracing::info_span!("calibrate", windows = windows.len()).entered();
+    let done_tokens: Vec<u64> = windows
+        .iter()
+        .scan(0u64, |acc, w| {
+            *acc += w.len() as u64;
+            Some(*acc)
+        })
+        .collect();
+    let pb = token_bar(
+        done_tokens.last().copied().unwrap_or(0),
+        "calibrating",
+        show,
+    );
     let stats = calibrate(&mut loaded.model, &tokens, &cfg, |d, _| {
-        pb.set_position(d as u64)
+        pb.set_position(done_tokens[d - 1])
     })?;
     pb.finish_and_clear();
     Ok(stats)
@@ -137,7 +202,10 @@ pub fn auto_alpha(
         seed: q.calib.seed,
     };
     let names: Vec<String> = groups.iter().map(|g| g.name().to_string()).collect();
+    let _span = tracing::info_span!("alpha_search", groups = groups.len()).entered();
+    let pb = spinner("sampling the smoothing groups' inputs", show);
     let samples = sq_calib::sample_inputs(&mut loaded.model, &tokens, &cfg, &names, 512, 4)?;
+    pb.finish_and_clear();
     let pb = bar(groups.len() as u64, "alpha search", show);
     let choices = sq_smooth::search_alphas(
         &loaded.model,
@@ -222,6 +290,7 @@ pub fn build(
         return Ok(Built { loaded, smoothing });
     }
     let stats = stats.context("quantized schemes need calibration statistics")?;
+    super::common::check_stats_fit(&loaded.model, stats)?;
     let mut stats = stats.clone();
     let recipe = recipe(q);
     if scheme == Scheme::SmoothQuant {
@@ -231,12 +300,18 @@ pub fn build(
         } else {
             (alpha(q)?, groups)
         };
+        let _span = tracing::info_span!("smooth", groups = groups.len()).entered();
         smoothing = smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?;
     }
     let backend = sq_kernels::select_backend()?;
     let _span =
         tracing::info_span!("quantize", scheme = scheme.name(), backend = backend.name()).entered();
-    quantize_model(&mut loaded.model, &recipe, Some(&stats), backend)?;
+    let pb = bar(0, &format!("quantize {}", scheme.name()), show);
+    quantize_model_with_progress(&mut loaded.model, &recipe, Some(&stats), backend, |d, n| {
+        pb.set_length(n as u64);
+        pb.set_position(d as u64);
+    })?;
+    pb.finish_and_clear();
     Ok(Built { loaded, smoothing })
 }
 
