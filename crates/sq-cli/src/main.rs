@@ -3,12 +3,15 @@
 
 mod args;
 mod commands;
+mod signals;
 
 use args::Cli;
 use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before any thread starts: interruption removes unfinished outputs.
+    signals::install();
     // A panic is a bug, never the way a user error is reported: say so plainly.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("internal error (a bug in smoothquant, please report it): {info}");
@@ -35,7 +38,16 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    match commands::run(cli.command) {
+    let verbose = cli.verbose;
+    let result = commands::run(cli.command);
+    if verbose > 0 {
+        // VmHWM: the most memory this process held resident at once (Linux; 0 elsewhere).
+        let peak = commands::peak_rss_bytes();
+        if peak > 0 {
+            eprintln!("peak RSS: {:.1} MiB", peak as f64 / (1024.0 * 1024.0));
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -1,4 +1,6 @@
-use super::common::{bar, load_model, model_label, print_json, read_text, show_progress};
+use super::common::{
+    bar, load_model, model_label, print_json, read_text, require_calib_window, show_progress,
+};
 use crate::args::CalibrateArgs;
 use anyhow::{Context, Result};
 use sq_calib::{calibrate, CalibConfig};
@@ -15,6 +17,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         seed: a.seed,
     };
     let windows = sq_calib::calibration_windows(tokens.len(), &cfg)?;
+    require_calib_window(tokens.len(), cfg.seq_len, &a.calib_data)?;
     let total_tokens: usize = windows.iter().map(|w| w.len()).sum();
     let pb = bar(windows.len() as u64, "calibrating", show);
     let start = Instant::now();

@@ -10,6 +10,8 @@ mod inspect;
 mod pipeline;
 mod quantize;
 
+pub use common::peak_rss_bytes;
+
 use crate::args::Command;
 use anyhow::Result;
 

@@ -102,6 +102,7 @@ pub fn statistics(model: &ModelArgs, q: &QuantArgs, show: bool) -> Result<StatsT
         seed: q.calib.seed,
     };
     let windows = sq_calib::calibration_windows(tokens.len(), &cfg)?;
+    super::common::require_calib_window(tokens.len(), cfg.seq_len, data)?;
     let pb = bar(windows.len() as u64, "calibrating", show);
     let stats = calibrate(&mut loaded.model, &tokens, &cfg, |d, _| {
         pb.set_position(d as u64)
