@@ -3,12 +3,15 @@
 
 mod args;
 mod commands;
+mod signals;
 
 use args::Cli;
 use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before any thread starts: interruption removes unfinished outputs.
+    signals::install();
     // `smoothquant inspect | head` closes stdout early: end quietly as other Unix tools do,
     // instead of failing to print (Rust ignores SIGPIPE by default).
     #[cfg(unix)]
@@ -42,7 +45,16 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    match commands::run(cli.command) {
+    let verbose = cli.verbose;
+    let result = commands::run(cli.command);
+    if verbose > 0 {
+        // VmHWM: the most memory this process held resident at once (Linux; 0 elsewhere).
+        let peak = commands::peak_rss_bytes();
+        if peak > 0 {
+            eprintln!("peak RSS: {:.1} MiB", peak as f64 / (1024.0 * 1024.0));
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

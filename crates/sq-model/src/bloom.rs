@@ -39,6 +39,10 @@ fn default_eps() -> f64 {
 
 pub fn config(value: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
     let c: BloomHfConfig = parse_config(value, path)?;
+    crate::config::check_sizes(
+        path,
+        &[("n_head", c.n_head), ("hidden_size", c.hidden_size)],
+    )?;
     let heads = c.n_head.max(1);
     let cfg = ModelConfig {
         architecture: Architecture::Bloom,

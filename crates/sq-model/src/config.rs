@@ -107,6 +107,23 @@ pub struct ModelConfig {
     pub eos_token_id: Option<u32>,
 }
 
+/// Largest value any size in a config may have. Sizes are checked against it before anything
+/// (RoPE frequencies, ALiBi slopes, the MLP width) is computed or allocated from them.
+pub const MAX_DIM: usize = 1 << 24;
+
+/// Check raw sizes from a config file before they are used.
+pub(crate) fn check_sizes(path: &Path, fields: &[(&str, usize)]) -> Result<()> {
+    for &(name, v) in fields {
+        if v > MAX_DIM {
+            return Err(ModelError::Config {
+                path: path.to_path_buf(),
+                reason: format!("{name} = {v} is implausibly large"),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl ModelConfig {
     /// Check the invariants every decoder relies on; `path` names the config in errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
@@ -129,7 +146,7 @@ impl ModelConfig {
             if v == 0 {
                 return bad(format!("{name} is 0"));
             }
-            if v > 1 << 24 {
+            if v > MAX_DIM {
                 return bad(format!("{name} = {v} is implausibly large"));
             }
         }

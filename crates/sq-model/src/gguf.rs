@@ -29,6 +29,10 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 pub const MAX_DIMS: usize = 4;
 /// Arrays of arrays deeper than this are rejected (they only serve to exhaust the stack).
 const MAX_ARRAY_NESTING: usize = 8;
+/// Memory the parsed metadata may take. A one-byte array element in the file becomes a
+/// [`GgufValue`] of 32 bytes, so a count that fits the file can still ask for 32 times its
+/// size; 256 MiB holds vocabularies many times larger than any published model's.
+const MAX_METADATA_MEMORY: usize = 256 << 20;
 
 /// A GGML tensor type id, with the names and block layouts of the types ggml defines.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -407,6 +411,8 @@ struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Bytes of metadata memory still allowed ([`MAX_METADATA_MEMORY`]).
+    budget: usize,
 }
 
 impl<'a> Cursor<'a> {
@@ -419,6 +425,22 @@ impl<'a> Cursor<'a> {
 
     fn remaining(&self) -> usize {
         self.buf.len().saturating_sub(self.pos)
+    }
+
+    /// Charge `bytes` of parsed-metadata memory, failing once the budget is spent.
+    fn charge(&mut self, bytes: usize, what: &dyn Fn() -> String) -> Result<()> {
+        match self.budget.checked_sub(bytes) {
+            Some(left) => {
+                self.budget = left;
+                Ok(())
+            }
+            None => Err(self.err(format!(
+                "{} at offset {} takes the metadata past {} MiB of memory",
+                what(),
+                self.pos,
+                MAX_METADATA_MEMORY >> 20
+            ))),
+        }
     }
 
     fn take(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
@@ -473,6 +495,7 @@ impl<'a> Cursor<'a> {
 
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
         let len = self.count(1, &|| format!("length of {}", what()))?;
+        self.charge(len, what)?;
         let start = self.pos;
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec())
@@ -529,6 +552,7 @@ impl<'a> Cursor<'a> {
                 let n = self.count(elem_type.min_size(), &|| {
                     format!("element count of {}", what())
                 })?;
+                self.charge(n.saturating_mul(std::mem::size_of::<GgufValue>()), what)?;
                 let mut values = Vec::with_capacity(n);
                 for i in 0..n {
                     values.push(self.value(elem_type, depth + 1, &|| {
@@ -565,6 +589,7 @@ impl GgufFile {
             buf,
             pos: 0,
             path: &path,
+            budget: MAX_METADATA_MEMORY,
         };
         let magic: [u8; 4] = c.array(&|| "the magic".to_string())?;
         if magic != GGUF_MAGIC {
@@ -593,8 +618,10 @@ impl GgufFile {
         // Minimum key/value: empty key (8) + type (4) + one-byte value.
         let n_kv = c.count(13, &|| "the metadata count".to_string())?;
 
-        let mut metadata = Vec::with_capacity(n_kv);
-        let mut metadata_index = HashMap::with_capacity(n_kv);
+        // Capacities grow as entries really parse: a count only bounds them by the file size,
+        // and an entry takes several times its file size in memory.
+        let mut metadata = Vec::with_capacity(n_kv.min(1024));
+        let mut metadata_index = HashMap::with_capacity(n_kv.min(1024));
         for i in 0..n_kv {
             let key = c.string(&|| format!("key of metadata entry {i}"))?;
             let at = c.pos;
@@ -623,8 +650,8 @@ impl GgufFile {
             },
         };
 
-        let mut tensors = Vec::with_capacity(n_tensors);
-        let mut tensor_index = HashMap::with_capacity(n_tensors);
+        let mut tensors = Vec::with_capacity(n_tensors.min(4096));
+        let mut tensor_index = HashMap::with_capacity(n_tensors.min(4096));
         for i in 0..n_tensors {
             let name = c.string(&|| format!("name of tensor {i}"))?;
             let n_dims = c.u32(&|| format!("rank of tensor `{name}`"))?;

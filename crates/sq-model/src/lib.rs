@@ -48,3 +48,14 @@ pub use loader::{load, load_hf_dir, LoadedModel};
 pub use model::{Logits, Model, Session};
 pub use quant::{ActQuant, FakeQuantLinear, Int8Linear, WeightGranularity};
 pub use tokenizer::Tokenizer;
+
+// One loaded model serves several generations at once (each with its own `Session`): the
+// model, its tokenizer and the file readers must stay shareable across threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync + ?Sized>() {}
+    send_sync::<Model>();
+    send_sync::<LoadedModel>();
+    send_sync::<dyn Tokenizer>();
+    send_sync::<gguf::GgufFile>();
+    send_sync::<sq_tensor::Checkpoint>();
+};

@@ -81,6 +81,10 @@ pub fn config(value: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
             })
         }
     };
+    crate::config::check_sizes(
+        path,
+        &[("hidden_size", c.hidden_size), ("head_dim", head_dim)],
+    )?;
     let activation = match &c.hidden_act {
         Some(a) => Activation::from_hf(a, path)?,
         None => Activation::Silu,

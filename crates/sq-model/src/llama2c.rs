@@ -201,13 +201,18 @@ impl Llama2cHeader {
     }
 }
 
-/// Loads a llama2.c checkpoint and its `tokenizer.bin`.
+/// Loads a llama2.c checkpoint (memory-mapped: each tensor is decoded straight from the map,
+/// so the file is never held twice) and its `tokenizer.bin`.
 pub fn load_llama2c(model: &Path, tokenizer: &Path) -> Result<RawModel> {
-    let model_bytes = std::fs::read(model)
-        .map_err(|e| ModelError::io(model, "reading llama2.c checkpoint", e))?;
+    let file = std::fs::File::open(model)
+        .map_err(|e| ModelError::io(model, "opening llama2.c checkpoint", e))?;
+    // SAFETY: the map is read-only; like every memory-mapped model loader we rely on the file
+    // not being truncated or rewritten while it is loading.
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| ModelError::io(model, "memory-mapping llama2.c checkpoint", e))?;
     let tok_bytes = std::fs::read(tokenizer)
         .map_err(|e| ModelError::io(tokenizer, "reading llama2.c tokenizer", e))?;
-    load_inner(&model_bytes, &tok_bytes, model, tokenizer)
+    load_inner(&map, &tok_bytes, model, tokenizer)
 }
 
 /// Loads a llama2.c checkpoint and tokenizer held in memory; `source` names them in errors.
@@ -234,31 +239,48 @@ fn load_inner(
     let params = header.hyper_params();
     params.validate(source)?;
 
-    // The header check made the file exactly header + sections, so slicing cannot fail.
+    // The header check made the file exactly header + sections; slices are still checked.
     let sections = header
         .sections()
         .ok_or_else(|| ModelError::Invalid("llama2.c sizes overflow".into()))?;
-    let mut data: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
+    let mut offsets: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let mut pos = HEADER_BYTES;
     for (name, n) in sections {
-        let chunk = &bytes[pos..pos + 4 * n];
-        pos += 4 * n;
-        if name.starts_with("freq_cis") {
-            continue;
-        }
-        let values = chunk
+        offsets.insert(name, (pos, n));
+        pos = n
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(pos))
+            .ok_or_else(|| ModelError::Invalid("llama2.c sizes overflow".into()))?;
+    }
+    // `count` f32 values of section `name` from element `first`, decoded from the file.
+    let values = |name: &str, first: usize, count: usize| -> Result<Vec<f32>> {
+        let short = || ModelError::Llama2c {
+            path: source.to_path_buf(),
+            reason: format!("section {name} is too short for {count} values at {first}"),
+        };
+        let &(base, n) = offsets.get(name).ok_or_else(short)?;
+        let end = first
+            .checked_add(count)
+            .filter(|&e| e <= n)
+            .ok_or_else(short)?;
+        let chunk = bytes
+            .get(base + 4 * first..base + 4 * end)
+            .ok_or_else(short)?;
+        Ok(chunk
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        data.insert(name, values);
-    }
+            .collect())
+    };
     let (d, h, kv, hs) = (
         header.dim,
         header.hidden_dim,
         header.kv_dim(),
         header.head_size(),
     );
-    let mut take = |name: &str| data.remove(name).unwrap_or_default();
+    let take = |name: &str| -> Result<Vec<f32>> {
+        let n = offsets.get(name).map_or(0, |&(_, n)| n);
+        values(name, 0, n)
+    };
 
     let mut tensors = BTreeMap::new();
     let mut put = |hf: String, src: String, values: Vec<f32>, shape: &[usize]| -> Result<()> {
@@ -269,27 +291,26 @@ fn load_inner(
     put(
         "model.embed_tokens.weight".into(),
         "token_embedding".into(),
-        take("token_embedding"),
+        take("token_embedding")?,
         &[header.vocab_size, d],
     )?;
     put(
         "model.norm.weight".into(),
         "rms_final".into(),
-        take("rms_final"),
+        take("rms_final")?,
         &[d],
     )?;
     if !header.shared_classifier {
         put(
             "lm_head.weight".into(),
             "wcls".into(),
-            take("wcls"),
+            take("wcls")?,
             &[header.vocab_size, d],
         )?;
     }
     let stacked = [
         "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w3", "w2",
     ];
-    let all: Vec<Vec<f32>> = stacked.iter().map(|n| take(n)).collect();
     for layer in 0..header.n_layers {
         let [ln1, q, k, v, o, ln2, gate, up, down] = hf_layer_tensor_names(layer);
         // (HF name, llama2.c section index in `stacked`, per-layer shape, RoPE heads).
@@ -306,13 +327,10 @@ fn load_inner(
         ];
         for (hf, idx, shape, rope) in parts {
             let per_layer: usize = shape.iter().product();
-            let start = layer * per_layer;
-            let src = all[idx].get(start..start + per_layer).ok_or_else(|| {
-                ModelError::Invalid(format!("llama2.c section {} is too short", stacked[idx]))
-            })?;
+            let src = values(stacked[idx], layer * per_layer, per_layer)?;
             let values = match rope {
-                Some(heads) => unpermute_interleaved_rope(src, heads, hs, d)?,
-                None => src.to_vec(),
+                Some(heads) => unpermute_interleaved_rope(&src, heads, hs, d)?,
+                None => src,
             };
             put(hf, format!("{}[{layer}]", stacked[idx]), values, &shape)?;
         }

@@ -108,7 +108,11 @@ pub fn load_native(
                     })
                 }
             };
-            if let WeightScales::PerChannel(s) = &scales {
+            {
+                let s: &[f32] = match &scales {
+                    WeightScales::PerChannel(s) => s,
+                    WeightScales::PerTensor(s) => std::slice::from_ref(s),
+                };
                 if let Some(i) = s.iter().position(|v| !v.is_finite() || *v < 0.0) {
                     return Err(ModelError::NonFinite {
                         path: dir.to_path_buf(),

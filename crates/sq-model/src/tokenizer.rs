@@ -95,6 +95,35 @@ impl std::fmt::Debug for HfTokenizer {
     }
 }
 
+/// Deepest nesting of arrays and objects accepted in a tokenizer.json.
+const MAX_TOKENIZER_JSON_DEPTH: usize = 32;
+
+/// The deepest nesting of arrays and objects in a JSON text (brackets inside strings ignored).
+fn json_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// Special-token spellings that unambiguously mean BOS or EOS.
 const BOS_NAMES: [&str; 4] = ["<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"];
 const EOS_NAMES: [&str; 4] = ["</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>"];
@@ -114,6 +143,25 @@ impl HfTokenizer {
     /// [`HfTokenizer::from_file`].
     pub fn from_bytes(bytes: &[u8], source: impl Into<PathBuf>) -> Result<Self> {
         let source = source.into();
+        // tokenizers 0.22 panics (`expect("Helper")` in its decoder deserializer) on a JSON
+        // syntax error inside `decoder`: check the syntax first, so that it only sees valid JSON.
+        // Its nested deserializers also hit serde_json's recursion limit far below the
+        // document's own depth, so nesting is bounded too (real files nest about 6 deep).
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| {
+            ModelError::Tokenizer {
+                path: source.clone(),
+                reason: format!("invalid tokenizer.json: not valid JSON: {e}"),
+            }
+        })?;
+        let depth = json_depth(bytes);
+        if depth > MAX_TOKENIZER_JSON_DEPTH {
+            return Err(ModelError::Tokenizer {
+                path: source,
+                reason: format!(
+                    "invalid tokenizer.json: nested {depth} deep (at most {MAX_TOKENIZER_JSON_DEPTH})"
+                ),
+            });
+        }
         let inner =
             tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ModelError::Tokenizer {
                 path: source.clone(),

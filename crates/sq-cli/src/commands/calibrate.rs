@@ -1,5 +1,6 @@
 use super::common::{
-    check_out_file, load_model, model_label, print_json, read_text, show_progress, token_bar,
+    check_out_file, load_model, model_label, print_json, read_text, require_calib_window,
+    show_progress, token_bar,
 };
 use crate::args::CalibrateArgs;
 use anyhow::{bail, Context, Result};
@@ -27,6 +28,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     };
     let windows = sq_calib::calibration_windows(tokens.len(), &cfg)
         .with_context(|| format!("cannot calibrate on {}", a.calib_data.display()))?;
+    require_calib_window(tokens.len(), cfg.seq_len, &a.calib_data)?;
     let total_tokens: usize = windows.iter().map(|w| w.len()).sum();
     let done_tokens: Vec<u64> = windows
         .iter()

@@ -295,6 +295,18 @@ pub fn read_text(path: &std::path::Path, what: &str) -> Result<String> {
     Ok(text)
 }
 
+/// Calibration needs at least one full window: a shorter text is refused rather than
+/// silently calibrating on a few tokens.
+pub fn require_calib_window(n_tokens: usize, seq_len: usize, data: &std::path::Path) -> Result<()> {
+    if n_tokens < seq_len {
+        bail!(
+            "the calibration text {} has {n_tokens} tokens, fewer than one window of {seq_len} (--calib-seq-len); give more text or a smaller --calib-seq-len",
+            data.display()
+        );
+    }
+    Ok(())
+}
+
 /// Print one JSON object on stdout.
 pub fn print_json(value: &serde_json::Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);

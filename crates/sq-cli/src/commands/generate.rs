@@ -31,6 +31,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
     }
     prompt.extend(loaded.tokenizer.encode(&a.prompt)?);
+    // Checked before anything is printed: the prompt plus one new token must fit the context.
+    let context = loaded.model.config.max_position_embeddings;
+    if a.max_tokens > 0 && prompt.len() >= context {
+        bail!(
+            "the prompt has {} tokens, which leaves no room in the model's context of {context} tokens; shorten the prompt",
+            prompt.len()
+        );
+    }
     let stream = !a.json;
     if stream {
         print!("{}", a.prompt);

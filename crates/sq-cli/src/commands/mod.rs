@@ -11,6 +11,8 @@ mod pipeline;
 mod plot;
 mod quantize;
 
+pub use common::peak_rss_bytes;
+
 use crate::args::Command;
 use anyhow::Result;
 

@@ -155,6 +155,7 @@ fn calibrate_loaded(loaded: &mut LoadedModel, q: &QuantArgs, show: bool) -> Resu
     };
     let windows = sq_calib::calibration_windows(tokens.len(), &cfg)
         .with_context(|| format!("cannot calibrate on {}", data.display()))?;
+    super::common::require_calib_window(tokens.len(), cfg.seq_len, data)?;
     let _span = tracing::info_span!("calibrate", windows = windows.len()).entered();
     let done_tokens: Vec<u64> = windows
         .iter()
