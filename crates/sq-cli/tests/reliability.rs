@@ -418,7 +418,7 @@ fn limits_are_clear_errors() {
             "--out",
             out_s,
         ]),
-        "0 samples",
+        "--calib-samples",
     );
     user_error(
         &run(&[
@@ -430,7 +430,7 @@ fn limits_are_clear_errors() {
             "--out",
             dir.path().join("q").to_str().unwrap(),
         ]),
-        "0 samples",
+        "--calib-samples",
     );
     assert_eq!(entries(dir.path()), ["empty.txt", "short.txt"]);
     // Evaluation text shorter than one window, or empty.
