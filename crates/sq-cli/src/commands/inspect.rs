@@ -313,7 +313,10 @@ fn report(loaded: &LoadedModel, o: Option<&Outliers>) -> serde_json::Value {
             })
         })
         .collect();
+    // A quantized checkpoint is already smoothed: no groups to offer.
     let groups: Vec<serde_json::Value> = sq_smooth::paper_groups(m)
+        .ok()
+        .filter(|_| loaded.quantization.is_none())
         .map(|g| {
             g.into_iter()
                 .map(|g| serde_json::json!({"norm": g.norm, "linears": g.linears}))
