@@ -27,6 +27,32 @@
 //! let loaded = StatsTable::load(&path).unwrap();
 //! assert_eq!(loaded.get("model.layers.0.mlp.down_proj").unwrap().channel_absmax()[2], 60.0);
 //! ```
+//!
+//! Calibrating a model: seeded windows of a token stream through the FP model, every Linear
+//! input observed (the embedded stories260K model here; any [`sq_model::load`]ed model works).
+//!
+//! ```
+//! use sq_calib::{calibrate, CalibConfig};
+//!
+//! let mut loaded = sq_model::load(None, None).unwrap();
+//! let text = "Once upon a time, there was a little girl named Lily. She loved to play outside. \
+//!             One day, she saw a big red ball in the park and ran to get it.";
+//! let tokens = loaded.tokenizer.encode(text).unwrap();
+//! let cfg = CalibConfig { samples: 4, seq_len: 16, seed: 0 };
+//! let stats = calibrate(&mut loaded.model, &tokens, &cfg, |done, total| {
+//!     assert!(done <= total);
+//! })
+//! .unwrap();
+//! // One entry per decoder Linear (5 layers x 7), named by its Hugging Face name.
+//! assert_eq!(stats.len(), 35);
+//! let q = stats.get("model.layers.0.self_attn.q_proj").unwrap();
+//! assert_eq!(q.channel_absmax().len(), 64);
+//! assert_eq!(q.tokens(), 4 * 16);
+//! assert!(q.max_median_ratio() >= 1.0);
+//! // The same windows and seed give the same statistics.
+//! let again = calibrate(&mut loaded.model, &tokens, &cfg, |_, _| {}).unwrap();
+//! assert_eq!(again.get(q.name()).unwrap().channel_absmax(), q.channel_absmax());
+//! ```
 
 mod calibrate;
 mod sample;

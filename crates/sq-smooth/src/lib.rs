@@ -27,6 +27,38 @@
 //! assert!((s[1] - 20.0).abs() < 1e-5); // sqrt(100) / sqrt(0.25)
 //! // After smoothing both channels' activation ranges are close: 1/s = 1.41 and 100/s = 5.
 //! ```
+//!
+//! The whole pipeline on the embedded stories260K model: calibrate, smooth the paper's groups,
+//! quantize every decoder Linear to W8A8 on the INT8 GEMM, and compare perplexity with FP32.
+//!
+//! ```
+//! use sq_calib::{calibrate, CalibConfig};
+//! use sq_model::{generate, perplexity, Sampler};
+//! use sq_smooth::{paper_groups, quantize_model, smooth_model, AlphaSpec, Recipe};
+//!
+//! let mut loaded = sq_model::load(None, None).unwrap();
+//! // Text for calibration and evaluation: a story the model writes itself.
+//! let mut prompt = vec![loaded.tokenizer.bos_id().unwrap()];
+//! prompt.extend(loaded.tokenizer.encode("Once upon a time").unwrap());
+//! let story = generate(&loaded.model, loaded.tokenizer.as_ref(), &prompt, 200,
+//!                      &mut Sampler::new(1.0, 1.0, 7).unwrap(), |_| {}).unwrap();
+//! let tokens = loaded.tokenizer.encode(&story.text).unwrap();
+//! let fp32 = perplexity(&loaded.model, &tokens, 64, None, |_, _| {}).unwrap().perplexity;
+//!
+//! let cfg = CalibConfig { samples: 8, seq_len: 64, seed: 0 };
+//! let mut stats = calibrate(&mut loaded.model, &tokens, &cfg, |_, _| {}).unwrap();
+//! let groups = paper_groups(&loaded.model).unwrap(); // 2 per layer
+//! let smoothed = smooth_model(&mut loaded.model, &groups, &mut stats, &AlphaSpec::Global(0.5)).unwrap();
+//! assert_eq!(smoothed.len(), 10);
+//! // Smoothing flattens the inputs of the first group (the attention input of layer 0).
+//! assert!(smoothed[0].ratio_after < smoothed[0].ratio_before);
+//!
+//! let backend = sq_kernels::select_backend().unwrap();
+//! let n = quantize_model(&mut loaded.model, &Recipe::CHANNEL_TOKEN, Some(&stats), backend).unwrap();
+//! assert_eq!(n, 35);
+//! let w8a8 = perplexity(&loaded.model, &tokens, 64, None, |_, _| {}).unwrap().perplexity;
+//! assert!((w8a8 / fp32 - 1.0).abs() < 0.05, "fp32 {fp32}, W8A8 {w8a8}");
+//! ```
 
 use std::fmt;
 

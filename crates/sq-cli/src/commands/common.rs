@@ -108,13 +108,19 @@ pub fn require_runnable(schemes: &[Scheme], model: &ModelArgs, quant: &QuantArgs
         .map(|s| s.name())
         .collect();
     if !quantized.is_empty() && quant.calib.calib_data.is_none() && quant.act_scales.is_none() {
-        let (what, verb) = if quantized.len() == 1 {
-            (format!("scheme {}", quantized[0]), "quantizes")
+        let (what, verbs) = if quantized.len() == 1 {
+            (
+                format!("scheme {}", quantized[0]),
+                "quantizes activations and needs",
+            )
         } else {
-            (format!("schemes {}", quantized.join(" and ")), "quantize")
+            (
+                format!("schemes {}", quantized.join(" and ")),
+                "quantize activations and need",
+            )
         };
         bail!(
-            "{what} {verb} activations and needs calibration: pass --calib-data FILE (text) or \
+            "{what} {verbs} calibration: pass --calib-data FILE (text) or \
              --act-scales FILE (from `smoothquant calibrate`), or --scheme fp32 to run the FP model only"
         );
     }

@@ -102,6 +102,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let alpha = match &r["alpha"] {
             serde_json::Value::Number(n) => n.to_string(),
             serde_json::Value::Null => "-".into(),
+            serde_json::Value::String(s) => s.clone(),
             _ => "table".into(),
         };
         println!(

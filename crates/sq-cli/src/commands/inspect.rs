@@ -317,7 +317,10 @@ fn report(
             })
         })
         .collect();
+    // A quantized checkpoint is already smoothed: no groups to offer.
     let groups: Vec<serde_json::Value> = sq_smooth::smoothing_groups(m, targets)
+        .ok()
+        .filter(|_| loaded.quantization.is_none())
         .map(|g| {
             g.into_iter()
                 .map(|g| serde_json::json!({"fold": g.fold.describe(), "linears": g.linears}))
