@@ -748,3 +748,11 @@ fn inspect_alpha_auto() {
         &["--alpha auto", "quantize --alpha auto"],
     );
 }
+
+#[test]
+fn int8_attention_is_refused_until_it_exists() {
+    fails(
+        &["generate", "--prompt", "Once", "--int8-attention"],
+        &["--int8-attention", "not implemented"],
+    );
+}

@@ -70,6 +70,12 @@ pub fn schemes_for(
 
 /// Parse `--scheme`, defaulting to `default`.
 pub fn parse_schemes(quant: &QuantArgs, default: &[Scheme]) -> Result<Vec<Scheme>> {
+    if quant.int8_attention {
+        bail!(
+            "--int8-attention (INT8 attention BMMs and KV cache) is not implemented in this build: \
+             the attention runs in f32 while every Linear runs on the INT8 GEMM. Drop the option"
+        );
+    }
     let Some(list) = &quant.scheme else {
         return Ok(default.to_vec());
     };
