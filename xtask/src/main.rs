@@ -6,6 +6,8 @@
 //!   insta snapshot changes (the whole workspace unless narrowed, e.g. `-p sq-cli --test
 //!   snapshots`), show them, then accept or reject them.
 //! - `cargo xtask bench [gemm|model|all] [--threads N] [--json]`: benchmarks.
+//! - `cargo xtask fuzz [--cases N] [--seconds S] [--seed N] [--targets a,b]`: mutation
+//!   fuzzing of every parser of untrusted input (tests/fuzz.rs), with cases per second.
 
 mod gemm_bench;
 
@@ -21,7 +23,10 @@ commands:
   snapshots [--accept|--reject] [ARGS]   run the tests (ARGS narrow `cargo test`, default --workspace)
                                          and show pending insta snapshots, or accept/reject them
   bench [gemm|model|all] [--threads N] [--json]
-                                         benchmarks (see ../shared/cli-contract.md)";
+                                         benchmarks (see ../shared/cli-contract.md)
+  fuzz [--cases N] [--seconds S] [--seed N] [--targets a,b]
+                                         mutation-fuzz every parser (N cases each, default 10000;
+                                         or S seconds each); see docs/reliability.md";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +40,7 @@ fn main() -> Result<()> {
         }
         Some("snapshots") => snapshots(&root, &args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -163,6 +169,49 @@ fn snapshots(root: &Path, args: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs tests/fuzz.rs with a case count (or time) per parser; the test prints the table of
+/// cases, clean errors, accepted inputs, panics and cases per second.
+fn fuzz(args: &[String]) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "-p", "smoothquant-rs", "--test", "fuzz"]);
+    let mut cases = Some("10000".to_string());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| -> Result<String> {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{name} needs a value"))
+        };
+        match a.as_str() {
+            "--cases" => {
+                let n = value("--cases")?;
+                n.parse::<usize>().with_context(|| format!("--cases {n}"))?;
+                cases = Some(n);
+            }
+            "--seconds" => {
+                let s = value("--seconds")?;
+                s.parse::<f64>().with_context(|| format!("--seconds {s}"))?;
+                cmd.env("SQ_FUZZ_SECONDS", s);
+                cases = None;
+            }
+            "--seed" => {
+                let s = value("--seed")?;
+                s.parse::<u64>().with_context(|| format!("--seed {s}"))?;
+                cmd.env("SQ_FUZZ_SEED", s);
+            }
+            "--targets" => {
+                cmd.env("SQ_FUZZ_TARGETS", value("--targets")?);
+            }
+            other => bail!("unknown fuzz argument `{other}`\n\n{USAGE}"),
+        }
+    }
+    if let Some(n) = cases {
+        cmd.env("SQ_FUZZ_CASES", n);
+    }
+    cmd.args(["--", "--nocapture"]);
+    run(&mut cmd)
 }
 
 fn bench(args: &[String]) -> Result<()> {

@@ -1282,6 +1282,71 @@ pub(crate) fn tokenizer_err(file: &GgufFile, reason: String) -> ModelError {
 mod tests {
     use super::*;
 
+    /// A small GGUF image: two metadata entries (a string, a nested array) and one Q8_0
+    /// tensor. Parsed from memory, so the tests below also run under Miri
+    /// (`cargo +nightly miri test -p sq-model --lib gguf::tests::parse`).
+    fn tiny() -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        let s = |b: &mut Vec<u8>, v: &str| {
+            b.extend((v.len() as u64).to_le_bytes());
+            b.extend(v.as_bytes());
+        };
+        s(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        s(&mut b, "llama");
+        s(&mut b, "x.nested");
+        b.extend(9u32.to_le_bytes()); // array of arrays of u8
+        b.extend(9u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        for n in [1u64, 2] {
+            b.extend(0u32.to_le_bytes());
+            b.extend(n.to_le_bytes());
+            b.extend(std::iter::repeat_n(7u8, n as usize));
+        }
+        s(&mut b, "t");
+        b.extend(2u32.to_le_bytes());
+        b.extend(32u64.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        b.extend(8u32.to_le_bytes()); // Q8_0
+        b.extend(0u64.to_le_bytes());
+        b.resize(b.len().next_multiple_of(32), 0);
+        for _ in 0..2 {
+            b.extend(half::f16::from_f32(0.5).to_le_bytes());
+            b.extend((0..32).map(|i| i as u8));
+        }
+        b
+    }
+
+    #[test]
+    fn parse_truncations_and_flips_from_memory() {
+        let good = tiny();
+        let f = GgufFile::from_bytes(good.clone(), "tiny.gguf").unwrap();
+        assert_eq!(f.architecture(), Some("llama"));
+        assert_eq!(f.tensor_f32("t").unwrap().shape(), [2, 32]);
+        for cut in 0..good.len() {
+            assert!(
+                GgufFile::from_bytes(good[..cut].to_vec(), "t.gguf").is_err(),
+                "cut at {cut}"
+            );
+        }
+        // Byte flips anywhere in the header: an error or a valid file, never a panic.
+        let header_len = good.len() - 68;
+        for pos in 0..header_len {
+            for v in [0u8, 0xff, 0x80] {
+                let mut b = good.clone();
+                b[pos] = v;
+                if let Ok(f) = GgufFile::from_bytes(b, "t.gguf") {
+                    for t in f.tensors() {
+                        let _ = f.tensor_f32(&t.name);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn type_table() {
         assert_eq!(GgmlType::Q4_1.block_layout(), Some((32, 20)));

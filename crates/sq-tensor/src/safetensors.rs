@@ -560,3 +560,49 @@ pub fn save_safetensors<S: TensorSource>(
     write_safetensors(file.writer(), tensors, metadata, path)?;
     file.commit()
 }
+
+#[cfg(test)]
+mod tests {
+    //! Pure header checks on in-memory bytes (no file, no map), so they also run under Miri:
+    //! `cargo +nightly miri test -p sq-tensor --lib safetensors`.
+    use super::*;
+
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.resize(b.len() + data, 7);
+        b
+    }
+
+    const OK: &str = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"I8","shape":[2,2],"data_offsets":[8,12]}}"#;
+
+    #[test]
+    fn header_checks_on_bytes() {
+        let p = Path::new("t.safetensors");
+        let good = file(OK, 12);
+        assert_eq!(diagnose_header(p, &good).unwrap(), OK.len());
+        // Every truncation is an error (or, cut inside the 8-byte prefix, never read).
+        for cut in 8..good.len() {
+            assert!(diagnose_header(p, &good[..cut]).is_err(), "cut at {cut}");
+        }
+        for bad in [
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"I8","shape":[2,2],"data_offsets":[4,8]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[18446744073709551615,4],"data_offsets":[0,8]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,18446744073709551615]}}"#,
+            r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            r#"{"a":{"dtype":"F32","shape":"x","data_offsets":[0,8]}}"#,
+            r#"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]"#,
+            "{\"a\":1",
+        ] {
+            assert!(diagnose_header(p, &file(bad, 12)).is_err(), "{bad}");
+        }
+        // Header lengths past the end or the limit.
+        for n in [u64::MAX, MAX_HEADER_BYTES + 1, good.len() as u64] {
+            let mut b = good.clone();
+            b[..8].copy_from_slice(&n.to_le_bytes());
+            assert!(diagnose_header(p, &b).is_err(), "{n}");
+        }
+    }
+}
