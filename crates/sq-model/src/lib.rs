@@ -23,6 +23,7 @@
 //! ```
 
 pub mod bloom;
+pub mod compressed;
 pub mod config;
 pub mod error;
 pub mod generate;

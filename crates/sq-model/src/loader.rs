@@ -16,13 +16,14 @@ pub struct LoadedModel {
     pub tokenizer: Arc<dyn Tokenizer>,
     /// Where it came from (`<embedded stories260K>` for the default).
     pub source: PathBuf,
-    /// `"hf"`, `"gguf"`, `"llama2.c"`.
+    /// `"hf"`, `"gguf"`, `"llama2.c"`, `"smoothquant-rs"`, `"compressed-tensors"`.
     pub format: &'static str,
     /// Whether generation should start with BOS (llama2.c and SentencePiece-style models do).
     pub add_bos: bool,
     /// The config.json (or its equivalent for GGUF / llama2.c), for export.
     pub hf_config: serde_json::Value,
-    /// Set when the model is one of our quantized checkpoints (it runs INT8 as written).
+    /// Set when the model is a quantized checkpoint (native or compressed-tensors; it runs INT8
+    /// as written).
     pub quantization: Option<crate::native::NativeQuantConfig>,
 }
 
@@ -112,7 +113,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
 }
 
 /// `add_bos_token` from tokenizer_config.json (LLaMA-style tokenizers set it), default false.
-fn read_add_bos(dir: &Path) -> bool {
+pub(crate) fn read_add_bos(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("tokenizer_config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -158,6 +159,12 @@ pub fn load(path: Option<&Path>, tokenizer: Option<&Path>) -> Result<LoadedModel
         if crate::native::is_native_dir(path) {
             let backend = sq_kernels::select_backend()?;
             let (mut loaded, qc) = crate::native::load_native(path, backend)?;
+            loaded.quantization = Some(qc);
+            return Ok(loaded);
+        }
+        if crate::compressed::is_compressed_tensors_dir(path) {
+            let backend = sq_kernels::select_backend()?;
+            let (mut loaded, qc) = crate::compressed::load_compressed_tensors(path, backend)?;
             loaded.quantization = Some(qc);
             return Ok(loaded);
         }

@@ -30,17 +30,9 @@ fn tensor(data: &[f32], shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_slice(data, shape)?)
 }
 
-/// Quantize `model` (FP; already smoothed for SmoothQuant) with `info.recipe` and write the
-/// checkpoint to `out` atomically. `stats` must describe the model as it is (static scales read
-/// them). A non-empty `out` is replaced only with `overwrite`.
-pub fn save_native(
-    model: &Model,
-    hf_config: &serde_json::Value,
-    stats: Option<&StatsTable>,
-    info: &ExportInfo,
-    out: &Path,
-    overwrite: bool,
-) -> Result<()> {
+/// The tensors every export writes in f32: embeddings, norms, and the Linears that stay full
+/// precision (OPT's `project_in`/`project_out`, the LM head unless tied to the embeddings).
+pub(crate) fn float_tensors(model: &Model) -> Result<Vec<(String, Tensor)>> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let e = &model.embed;
     tensors.push((
@@ -74,6 +66,21 @@ pub fn save_native(
             tensors.push((format!("{}.bias", l.name), tensor(b, &[b.len()])?));
         }
     }
+    Ok(tensors)
+}
+
+/// Quantize `model` (FP; already smoothed for SmoothQuant) with `info.recipe` and write the
+/// checkpoint to `out` atomically. `stats` must describe the model as it is (static scales read
+/// them). A non-empty `out` is replaced only with `overwrite`.
+pub fn save_native(
+    model: &Model,
+    hf_config: &serde_json::Value,
+    stats: Option<&StatsTable>,
+    info: &ExportInfo,
+    out: &Path,
+    overwrite: bool,
+) -> Result<()> {
+    let mut tensors = float_tensors(model)?;
     let mut count = 0;
     for block in &model.layers {
         for l in block.linears() {

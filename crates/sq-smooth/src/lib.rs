@@ -62,12 +62,17 @@
 
 use std::fmt;
 
+mod compressed_tensors;
 mod export;
 mod fold;
 mod groups;
 mod quantize;
 mod search;
 
+pub use compressed_tensors::{
+    ct_quantization_config, save_compressed_tensors, CT_FORMAT, CT_QUANT_METHOD, CT_RECORD_KEY,
+    CT_VERSION,
+};
 pub use export::{save_native, ExportInfo};
 pub use fold::{group_scales, smooth_model, AlphaSpec, GroupResult};
 pub use groups::{

@@ -13,6 +13,9 @@ pub enum Scheme {
     Fp32,
     Naive,
     SmoothQuant,
+    /// A W8A8 checkpoint another tool wrote (compressed-tensors), whose recipe is unknown: it
+    /// runs only as stored, and `--scheme` cannot name it.
+    W8A8,
 }
 
 impl Scheme {
@@ -21,24 +24,32 @@ impl Scheme {
             Scheme::Fp32 => "fp32",
             Scheme::Naive => "naive",
             Scheme::SmoothQuant => "smoothquant",
+            Scheme::W8A8 => "w8a8",
         }
     }
 }
 
-/// The scheme of a checkpoint written by `quantize`, when `--model` is one.
+/// The scheme of a quantized checkpoint, when `--model` is one: written by `quantize` (native
+/// or compressed-tensors), or a compressed-tensors W8A8 checkpoint from another tool.
 pub fn quantized_scheme(model: &ModelArgs) -> Result<Option<Scheme>> {
-    let Some(dir) = model
-        .model
-        .as_deref()
-        .filter(|p| sq_model::native::is_native_dir(p))
-    else {
+    let Some(dir) = model.model.as_deref().filter(|p| p.is_dir()) else {
         return Ok(None);
     };
+    let native = sq_model::native::is_native_dir(dir);
+    if !native && !sq_model::compressed::is_compressed_tensors_dir(dir) {
+        return Ok(None);
+    }
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
-    match config["quantization_config"]["scheme"].as_str() {
+    let scheme = if native {
+        &config["quantization_config"]["scheme"]
+    } else {
+        &config[sq_model::compressed::RECORD_KEY]["scheme"]
+    };
+    match scheme.as_str() {
         Some("naive") => Ok(Some(Scheme::Naive)),
         Some("smoothquant") => Ok(Some(Scheme::SmoothQuant)),
+        _ if !native => Ok(Some(Scheme::W8A8)),
         other => bail!(
             "{}: unknown quantization scheme {other:?} in config.json",
             dir.display()
@@ -56,6 +67,15 @@ pub fn schemes_for(
     let Some(own) = quantized_scheme(model)? else {
         return parse_schemes(quant, default);
     };
+    if own == Scheme::W8A8 {
+        if quant.scheme.is_some() {
+            bail!(
+                "{} is a W8A8 compressed-tensors checkpoint and runs only as it was quantized; drop --scheme",
+                model.model.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+            );
+        }
+        return Ok(vec![own]);
+    }
     let asked = parse_schemes(quant, &[own])?;
     if asked != [own] {
         bail!(

@@ -2,11 +2,17 @@ use super::common::{model_label, print_json, show_progress, spinner, Scheme};
 use super::pipeline::{alpha, alpha_json, recipe, statistics};
 use crate::args::{ExportFormat, QuantizeArgs};
 use anyhow::{bail, Context, Result};
-use sq_smooth::{save_native, smooth_model, smoothing_groups, ExportInfo};
+use sq_smooth::{
+    save_compressed_tensors, save_native, smooth_model, smoothing_groups, ActPolicy, ExportInfo,
+};
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
-    if a.format == ExportFormat::CompressedTensors {
-        bail!("--format compressed-tensors (the vLLM layout) is not in this build yet; use --format native");
+    if a.format == ExportFormat::CompressedTensors && recipe(&a.quant).acts == ActPolicy::Tensor {
+        bail!(
+            "--format compressed-tensors stores activations dynamic per token or static per tensor; \
+             dynamic per-tensor activations (--acts tensor, --preset o2) have no such layout: pass \
+             --acts token or --acts static (--preset o1 or o3), or use --format native"
+        );
     }
     let schemes = super::common::parse_schemes(&a.quant, &[Scheme::SmoothQuant])?;
     let scheme = match schemes.as_slice() {
@@ -86,10 +92,18 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         },
     );
     record.insert("source".into(), model_label(&loaded).into());
-    let tokenizer_json = loaded
-        .tokenizer
-        .to_hf_json()
-        .context("this model's tokenizer cannot be written as tokenizer.json")?;
+    // A Hugging Face input's tokenizer.json is copied as it is; GGUF and llama2.c tokenizers are
+    // written from their metadata.
+    let hf_tokenizer = loaded.source.join("tokenizer.json");
+    let tokenizer_json = if loaded.format == "hf" && hf_tokenizer.is_file() {
+        std::fs::read_to_string(&hf_tokenizer)
+            .with_context(|| format!("cannot read {}", hf_tokenizer.display()))?
+    } else {
+        loaded
+            .tokenizer
+            .to_hf_json()
+            .context("this model's tokenizer cannot be written as tokenizer.json")?
+    };
     let mut extra_files = Vec::new();
     let tok_cfg = loaded.source.join("tokenizer_config.json");
     if loaded.format == "hf" && tok_cfg.is_file() {
@@ -104,16 +118,33 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         extra_files,
     };
     let pb = spinner(&format!("writing {}", a.out.display()), show);
-    save_native(
-        &loaded.model,
-        &loaded.hf_config,
-        Some(&stats),
-        &info,
-        &a.out,
-        a.force,
-    )
+    match a.format {
+        ExportFormat::Native => save_native(
+            &loaded.model,
+            &loaded.hf_config,
+            Some(&stats),
+            &info,
+            &a.out,
+            a.force,
+        ),
+        // Linears whose smoothing is a run-time divide (no fold possible, BLOOM's
+        // dense_4h_to_h) cannot be expressed; the writer refuses them by name.
+        ExportFormat::CompressedTensors => save_compressed_tensors(
+            &loaded.model,
+            &loaded.hf_config,
+            Some(&stats),
+            &info,
+            &runtime_divides(&loaded.model),
+            &a.out,
+            a.force,
+        ),
+    }
     .with_context(|| format!("cannot write the quantized model to {}", a.out.display()))?;
     pb.finish_and_clear();
+    let format_name = match a.format {
+        ExportFormat::Native => "native",
+        ExportFormat::CompressedTensors => "compressed-tensors",
+    };
     let bytes = std::fs::metadata(a.out.join("model.safetensors"))
         .map(|m| m.len())
         .unwrap_or(0);
@@ -121,7 +152,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         return print_json(&serde_json::json!({
             "model": model_label(&loaded),
             "out": a.out.display().to_string(),
-            "format": "native",
+            "format": format_name,
             "scheme": scheme.name(),
             "weights": serde_json::to_value(recipe.weights)?,
             "acts": recipe.acts.name(),
@@ -133,7 +164,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         }));
     }
     println!(
-        "wrote {} ({} W8A8, weights per {}, acts {}, {:.1} MB)",
+        "wrote {} ({} W8A8 in the {format_name} layout, weights per {}, acts {}, {:.1} MB)",
         a.out.display(),
         scheme.name(),
         serde_json::to_value(recipe.weights)?.as_str().unwrap_or(""),
@@ -141,4 +172,14 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         bytes as f64 / 1e6
     );
     Ok(())
+}
+
+/// The Linears whose smoothing is a run-time divide inside their activation quantizer.
+fn runtime_divides(model: &sq_model::Model) -> Vec<String> {
+    model
+        .linears()
+        .iter()
+        .filter(|l| l.as_fp().and_then(|f| f.input_smoothing()).is_some())
+        .map(|l| l.name.clone())
+        .collect()
 }
