@@ -4,8 +4,12 @@
 //!   test command (the same one `.ci/run` runs).
 //! - `cargo xtask snapshots [--accept|--reject]`: run the tests recording insta snapshot
 //!   changes, show them, then accept or reject them.
-//! - `cargo xtask bench [gemm|model|all] [--threads N] [--json]`: benchmarks.
+//! - `cargo xtask bench [gemm|model|all] [--threads N] [--json] [--device cpu|cuda[:N]]`:
+//!   benchmarks (`--device cuda` runs the GPU GEMM suite, see `sq_kernels::cuda::bench`).
+//! - `cargo xtask kernels [--arch compute_XY] [--ptx DIR]`: compile the CUDA kernel sources
+//!   (NVRTC or nvcc) and report errors with file and line.
 
+mod cuda;
 mod gemm_bench;
 
 use anyhow::{bail, Context, Result};
@@ -18,8 +22,11 @@ commands:
   ci [--no-test]                         fmt check, clippy -D warnings, then the README test command
   test-command                           print the test command written in README.md
   snapshots [--accept|--reject]          review pending insta snapshots (accept or reject them)
-  bench [gemm|model|all] [--threads N] [--json]
-                                         benchmarks (see ../shared/cli-contract.md)";
+  bench [gemm|model|all] [--threads N] [--json] [--device cpu|cuda[:N]]
+                                         benchmarks (see ../shared/cli-contract.md); `--device cuda`
+                                         times INT8 vs FP16 GEMMs on an NVIDIA GPU
+  kernels [--arch compute_XY] [--ptx DIR]
+                                         compile the CUDA kernels with NVRTC or nvcc";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,6 +40,7 @@ fn main() -> Result<()> {
         }
         Some("snapshots") => snapshots(&root, &args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("kernels") => cuda::kernels(&root, &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -82,6 +90,18 @@ fn ci(root: &Path, no_test: bool) -> Result<()> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The CUDA backend type-checks (and lints) without a toolkit: cudarc loads its libraries at
+    // run time.
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--features",
+        "cuda",
         "--",
         "-D",
         "warnings",
@@ -160,11 +180,23 @@ fn bench(args: &[String]) -> Result<()> {
     let mut which = "all";
     let mut threads = None;
     let mut json = false;
+    let mut gpu = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "gemm" | "model" | "all" => which = a,
             "--json" => json = true,
+            "--device" => {
+                let d = it.next().context("--device needs cpu or cuda[:N]")?;
+                gpu = match d.as_str() {
+                    "cpu" => None,
+                    "cuda" => Some(0),
+                    other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                        Some(Ok(n)) => Some(n),
+                        _ => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+                    },
+                };
+            }
             "--threads" => {
                 let n = it.next().context("--threads needs a value")?;
                 threads = Some(
@@ -174,6 +206,14 @@ fn bench(args: &[String]) -> Result<()> {
             }
             other => bail!("unknown bench argument `{other}`\n\n{USAGE}"),
         }
+    }
+    if let Some(ordinal) = gpu {
+        if which != "gemm" {
+            bail!(
+                "`--device cuda` times the GEMMs only: run `cargo xtask bench gemm --device cuda`"
+            );
+        }
+        return cuda::bench_gemm(ordinal, json);
     }
     match which {
         "gemm" => gemm_bench::run(threads, json),

@@ -342,6 +342,36 @@ impl<'a> BatchedI8<'a> {
         }
     }
 
+    /// The shape and strides, without the data.
+    pub(crate) fn shape(&self) -> BatchedShape {
+        BatchedShape {
+            len: self.data.len(),
+            batch: self.batch,
+            rows: self.rows,
+            cols: self.cols,
+            batch_stride: self.batch_stride,
+            row_stride: self.row_stride,
+        }
+    }
+
+    pub(crate) fn offset(&self, b: usize, r: usize, c: usize) -> usize {
+        b * self.batch_stride + r * self.row_stride + c
+    }
+}
+
+/// A batched operand's shape and strides with the length of its buffer: what the bmm checks
+/// need, whether the data lives on the host or on a GPU.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BatchedShape {
+    pub len: usize,
+    pub batch: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub batch_stride: usize,
+    pub row_stride: usize,
+}
+
+impl BatchedShape {
     /// Index one past the last element addressed, checking the strides cannot overflow.
     fn required_len(&self, op: &'static str) -> Result<usize> {
         if self.batch == 0 || self.rows == 0 || self.cols == 0 {
@@ -358,9 +388,9 @@ impl<'a> BatchedI8<'a> {
             })
     }
 
-    pub(crate) fn validate(&self, op: &'static str, operand: &'static str) -> Result<()> {
+    fn validate(&self, op: &'static str, operand: &'static str) -> Result<()> {
         let need = self.required_len(op)?;
-        if self.data.len() < need {
+        if self.len < need {
             return Err(KernelError::BadLength {
                 op,
                 operand,
@@ -369,14 +399,10 @@ impl<'a> BatchedI8<'a> {
                     self.batch, self.rows, self.cols, self.batch_stride, self.row_stride
                 ),
                 expected: need,
-                actual: self.data.len(),
+                actual: self.len,
             });
         }
         Ok(())
-    }
-
-    pub(crate) fn offset(&self, b: usize, r: usize, c: usize) -> usize {
-        b * self.batch_stride + r * self.row_stride + c
     }
 }
 
@@ -450,6 +476,30 @@ pub(crate) fn validate_bmm(
     b_transposed: bool,
     out: &BmmOutput<'_>,
 ) -> Result<BmmShape> {
+    let scale = match out {
+        BmmOutput::F32 { scale, .. } => Some(*scale),
+        BmmOutput::I32 { .. } => None,
+    };
+    validate_bmm_shapes(
+        op,
+        &a.shape(),
+        &b.shape(),
+        b_transposed,
+        out.strides(),
+        scale,
+    )
+}
+
+/// [`validate_bmm`] on shapes: `out` is `(len, batch_stride, row_stride)`, `out_scale` the f32
+/// output's scale (None for INT32).
+pub(crate) fn validate_bmm_shapes(
+    op: &'static str,
+    a: &BatchedShape,
+    b: &BatchedShape,
+    b_transposed: bool,
+    out: (usize, usize, usize),
+    out_scale: Option<f32>,
+) -> Result<BmmShape> {
     a.validate(op, "a")?;
     b.validate(op, "b")?;
     let (n, kb) = if b_transposed {
@@ -484,16 +534,16 @@ pub(crate) fn validate_bmm(
         k: a.cols,
     };
     check_k(op, shape.k)?;
-    if let BmmOutput::F32 { scale, .. } = out {
+    if let Some(scale) = out_scale {
         if !scale.is_finite() {
             return Err(KernelError::InvalidScale {
                 op,
                 what: "the bmm output",
-                value: *scale,
+                value: scale,
             });
         }
     }
-    let (len, bs, rs) = out.strides();
+    let (len, bs, rs) = out;
     let (batch, m) = (shape.batch, shape.m);
     if batch == 0 || m == 0 || n == 0 {
         return Ok(shape);
