@@ -35,7 +35,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    match commands::run(cli.command) {
+    // A GPU that cannot be used is a user error, reported before any work.
+    if let Err(e) = cli.device.check() {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
+    match commands::run(cli.command, cli.device) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

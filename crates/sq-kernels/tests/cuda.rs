@@ -65,8 +65,14 @@ fn a_missing_gpu_or_driver_is_an_error_not_a_panic() {
 }
 
 /// All three outputs through the `Int8Gemm` trait on `path`, against `Reference`.
-#[allow(clippy::too_many_arguments)]
-fn check_gemm(backend: &CudaBackend, path: GemmPath, m: usize, n: usize, k: usize, rng: &mut Rng) {
+fn check_gemm(
+    device: &Arc<CudaDevice>,
+    path: GemmPath,
+    m: usize,
+    n: usize,
+    k: usize,
+    rng: &mut Rng,
+) {
     let x_q = rng.i8s(m * k);
     let w_q = rng.i8s(n * k);
     let x_scales: Vec<f32> = (0..m).map(|_| rng.f32_in(1e-3, 0.1)).collect();
@@ -98,7 +104,7 @@ fn check_gemm(backend: &CudaBackend, path: GemmPath, m: usize, n: usize, k: usiz
         .gemm_i8_out(&x_q, m, x_sc, &w_ref, out_scale, &mut want_i8)
         .unwrap();
 
-    backend.device().set_gemm_path(path);
+    let backend = CudaBackend::with_path(device.clone(), path);
     let w = backend
         .pack_weights(&w_q, n, k, w_scales, bias.as_deref())
         .unwrap();
@@ -114,7 +120,6 @@ fn check_gemm(backend: &CudaBackend, path: GemmPath, m: usize, n: usize, k: usiz
     backend
         .gemm_i8_out(&x_q, m, x_sc, &w, out_scale, &mut got_i8)
         .unwrap_or_else(|e| panic!("{ctx}: {e}"));
-    backend.device().set_gemm_path(GemmPath::Auto);
     assert_eq!(first_mismatch(&got_i32, &want_i32), None, "{ctx}: i32");
     if let Some((i, g, r)) = first_mismatch(&bits(&got_f32), &bits(&want_f32)) {
         panic!(
@@ -144,15 +149,14 @@ fn gemm_paths_match_reference() {
     let Some(dev) = device("gemm_paths_match_reference") else {
         return;
     };
-    let backend = CudaBackend::with_device(dev);
     let mut rng = Rng::new(11);
     for (m, n, k) in SHAPES {
         for path in [GemmPath::Auto, GemmPath::SmallM, GemmPath::Tiled] {
-            check_gemm(&backend, path, m, n, k, &mut rng);
+            check_gemm(&dev, path, m, n, k, &mut rng);
         }
         // cuBLASLt's IMMA kernels are only asked for where Auto would use them.
         if m > SMALL_M_MAX_ROWS {
-            check_gemm(&backend, GemmPath::CublasLt, m, n, k, &mut rng);
+            check_gemm(&dev, GemmPath::CublasLt, m, n, k, &mut rng);
         }
     }
 }
@@ -162,10 +166,10 @@ fn large_and_extreme_gemms_match_reference() {
     let Some(dev) = device("large_and_extreme_gemms_match_reference") else {
         return;
     };
-    let backend = CudaBackend::with_device(dev);
     let mut rng = Rng::new(12);
-    check_gemm(&backend, GemmPath::Auto, 512, 1536, 576, &mut rng);
-    check_gemm(&backend, GemmPath::Auto, 2048, 1000, 333, &mut rng);
+    check_gemm(&dev, GemmPath::Auto, 512, 1536, 576, &mut rng);
+    check_gemm(&dev, GemmPath::Auto, 2048, 1000, 333, &mut rng);
+    let backend = CudaBackend::with_device(dev);
     // -128 everywhere at the largest K: the INT32 sums are exact up to MAX_K.
     let (m, n, k) = (20, 3, sq_kernels::MAX_K);
     let x = vec![-128i8; m * k];

@@ -24,6 +24,7 @@
 
 pub mod bloom;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -41,6 +42,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
+pub use device::Device;
 pub use error::{ModelError, Result};
 pub use generate::{generate, perplexity, GenerateOutput, Perplexity, Sampler};
 pub use linear::{FpLinear, Linear, LinearObserver, NamedLinear};

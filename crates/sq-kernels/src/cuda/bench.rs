@@ -149,7 +149,9 @@ pub fn bench_shape(d: &CudaDevice, m: usize, n: usize, k: usize) -> Result<GpuGe
     let mut dy = d.zeros::<f16>(m * n)?;
     let acts = d.quantize(&dx, m, k, DeviceActQuant::Token, None)?;
 
-    let int8_s = time_per_call(d, target_s, || d.product(&acts, &dw).map(drop))?;
+    let int8_s = time_per_call(d, target_s, || {
+        d.product(&acts, &dw, super::GemmPath::Auto).map(drop)
+    })?;
     let w8a8_s = time_per_call(d, target_s, || {
         let a = d.quantize(&dx, m, k, DeviceActQuant::Token, None)?;
         d.gemm(&a, &dw, GemmOut::F16(dy.as_view_mut()))

@@ -29,7 +29,7 @@ pub const COMMON: KernelSource = KernelSource {
 };
 
 /// Every kernel file, in program order.
-pub const SOURCES: [KernelSource; 3] = [
+pub const SOURCES: [KernelSource; 4] = [
     KernelSource {
         name: "quantize.cu",
         code: include_str!("kernels/quantize.cu"),
@@ -41,6 +41,10 @@ pub const SOURCES: [KernelSource; 3] = [
     KernelSource {
         name: "gemm.cu",
         code: include_str!("kernels/gemm.cu"),
+    },
+    KernelSource {
+        name: "layers.cu",
+        code: include_str!("kernels/layers.cu"),
     },
 ];
 

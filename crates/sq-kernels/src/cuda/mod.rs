@@ -24,7 +24,10 @@
 //!   static) from f32 or f16 activations, or uploaded by [`CudaDevice::upload_acts`];
 //! - [`CudaDevice::gemm`]: `Y = X · Wᵀ` into INT32, f32, f16 or INT8 (the O3 requantization);
 //! - [`CudaDevice::bmm`]: the batched `A · op(B)` of attention with arbitrary strides;
-//! - [`CudaDevice::hgemm`]: the FP16 baseline (cuBLAS, FP32 accumulation).
+//! - [`CudaDevice::hgemm`]: the FP16 baseline (cuBLAS, FP32 accumulation);
+//! - [`layers`]: the decoder's other operations (embedding, norms, rotary embeddings, causal
+//!   attention over a KV cache, activations, residual adds, FP Linears through cuBLAS), which
+//!   sq-model composes into the model forward on the GPU.
 //!
 //! Everything is queued on the device's one stream and runs asynchronously; reading a result
 //! back ([`CudaDevice::download`]) waits for it. [`CudaBackend`] implements the `Int8Gemm`
@@ -58,7 +61,8 @@
 //!   output column streams its weight row once for up to 8 rows of X.
 //! - `Tiled`: our shared-memory `__dp4a` kernel (64 × 64 tiles), also behind [`CudaDevice::bmm`].
 //!
-//! [`CudaDevice::set_gemm_path`] forces one of them (the tests run each against `Reference`).
+//! [`CudaDevice::gemm_with`] (and [`CudaBackend::with_path`]) forces one of them; the tests
+//! run each against `Reference`.
 //!
 //! # Kernels
 //!
@@ -68,18 +72,19 @@
 
 pub mod bench;
 pub mod kernels;
+pub mod layers;
 mod lt;
 mod ops;
 mod trait_impl;
 
 pub use cudarc;
 pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+pub use layers::{GpuActivation, GpuAttention, MAX_HEAD_DIM};
 pub use ops::{DeviceActQuant, DeviceActs, DeviceBatched, DeviceBmmOut, DeviceWeights, GemmOut};
 pub use trait_impl::CudaBackend;
 
 use crate::error::{KernelError, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Which kernel computes the INT32 product of [`CudaDevice::gemm`].
@@ -93,25 +98,6 @@ pub enum GemmPath {
     SmallM,
     /// Our shared-memory tiled `__dp4a` kernel.
     Tiled,
-}
-
-impl GemmPath {
-    fn to_u8(self) -> u8 {
-        match self {
-            GemmPath::Auto => 0,
-            GemmPath::CublasLt => 1,
-            GemmPath::SmallM => 2,
-            GemmPath::Tiled => 3,
-        }
-    }
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => GemmPath::CublasLt,
-            2 => GemmPath::SmallM,
-            3 => GemmPath::Tiled,
-            _ => GemmPath::Auto,
-        }
-    }
 }
 
 /// Rows up to which [`GemmPath::Auto`] uses the `SmallM` kernel.
@@ -153,6 +139,7 @@ pub(crate) struct Functions {
     pub epilogue_f16: CudaFunction,
     pub gemm_small_m: CudaFunction,
     pub bmm_tiled: CudaFunction,
+    pub layers: layers::LayerFunctions,
 }
 
 impl Functions {
@@ -175,6 +162,7 @@ impl Functions {
             epilogue_f16: f("sq_epilogue_f16")?,
             gemm_small_m: f("sq_gemm_small_m")?,
             bmm_tiled: f("sq_bmm_tiled")?,
+            layers: layers::LayerFunctions::load(&f)?,
         })
     }
 }
@@ -191,7 +179,6 @@ pub struct CudaDevice {
     pub(crate) funcs: Functions,
     pub(crate) lt: lt::Lt,
     pub(crate) blas: cudarc::cublas::CudaBlas,
-    path: AtomicU8,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -321,7 +308,6 @@ impl CudaDevice {
             funcs,
             lt,
             blas,
-            path: AtomicU8::new(GemmPath::Auto.to_u8()),
         })
     }
 
@@ -352,13 +338,10 @@ impl CudaDevice {
             .map_err(|e| cuda_err("memory info", e))
     }
 
-    /// Forces the INT32 product path of [`gemm`](Self::gemm) (default [`GemmPath::Auto`]).
-    pub fn set_gemm_path(&self, path: GemmPath) {
-        self.path.store(path.to_u8(), Ordering::Relaxed);
-    }
-    /// The path [`gemm`](Self::gemm) uses.
-    pub fn gemm_path(&self) -> GemmPath {
-        GemmPath::from_u8(self.path.load(Ordering::Relaxed))
+    /// Makes the device's context current on the calling thread (cuBLAS and cuBLASLt calls
+    /// do not do it themselves).
+    pub(crate) fn bind(&self, op: &'static str) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| cuda_err(op, e))
     }
 
     /// Waits for everything queued so far.
@@ -411,6 +394,7 @@ impl CudaDevice {
                 actual: src.len(),
             });
         }
+        self.bind("download")?;
         let (ptr, _guard) = src.device_ptr(&self.stream);
         // SAFETY: `ptr` addresses at least `out.len()` elements of T (checked above), and the
         // copy is ordered after the work queued on the stream; synchronize waits for it.

@@ -479,10 +479,20 @@ impl CudaDevice {
         })
     }
 
-    /// `Y [m, n] = X · Wᵀ` on the GPU, then the epilogue `out` asks for. Exact INT32
-    /// accumulation whichever path [`set_gemm_path`](Self::set_gemm_path) selects; the f32
-    /// and INT8 outputs are bit-identical to the CPU backends'.
+    /// `Y [m, n] = X · Wᵀ` on the GPU, then the epilogue `out` asks for: exact INT32
+    /// accumulation, and f32 / INT8 outputs bit-identical to the CPU backends'.
     pub fn gemm(&self, x: &DeviceActs, w: &DeviceWeights, out: GemmOut<'_>) -> Result<()> {
+        self.gemm_with(x, w, out, GemmPath::Auto)
+    }
+
+    /// [`gemm`](Self::gemm) with the INT32 product computed on `path`.
+    pub fn gemm_with(
+        &self,
+        x: &DeviceActs,
+        w: &DeviceWeights,
+        out: GemmOut<'_>,
+        path: GemmPath,
+    ) -> Result<()> {
         const OP: &str = "gemm (cuda)";
         if x.k != w.k {
             return Err(KernelError::ShapeMismatch {
@@ -518,15 +528,21 @@ impl CudaDevice {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let acc = self.product(x, w)?;
+        let acc = self.product(x, w, path)?;
         let (m32, n32) = (to_i32(OP, "m", m)?, to_i32(OP, "n", n)?);
         self.epilogue(OP, &acc, np, m32, n32, x, w, out, inv_out)
     }
 
     /// The INT32 products `acc [m, np]` (row-major, row stride the padded N; columns `n..np`
-    /// are not meaningful) on the path [`gemm_path`](Self::gemm_path) selects.
-    pub(crate) fn product(&self, x: &DeviceActs, w: &DeviceWeights) -> Result<CudaSlice<i32>> {
+    /// are not meaningful) on `path`.
+    pub(crate) fn product(
+        &self,
+        x: &DeviceActs,
+        w: &DeviceWeights,
+        path: GemmPath,
+    ) -> Result<CudaSlice<i32>> {
         const OP: &str = "gemm (cuda)";
+        self.bind(OP)?;
         let (m, n, np, kp) = (x.m, w.n, w.np, w.kp);
         let m32 = to_i32(OP, "m", m)?;
         let n32 = to_i32(OP, "n", n)?;
@@ -539,12 +555,12 @@ impl CudaDevice {
         let acc_ptr = ptr_mut(self, &mut acc);
         let x_ptr = ptr(self, &x.q);
         let w_ptr = ptr(self, &w.w);
-        let path = match self.gemm_path() {
+        let forced = path != GemmPath::Auto;
+        let path = match path {
             GemmPath::Auto if m <= SMALL_M_MAX_ROWS => GemmPath::SmallM,
             GemmPath::Auto => GemmPath::CublasLt,
             forced => forced,
         };
-        let forced = self.gemm_path() != GemmPath::Auto;
         let tiled = match path {
             GemmPath::SmallM => {
                 let blocks_y = m.div_ceil(8);
@@ -857,6 +873,7 @@ impl CudaDevice {
     ) -> Result<()> {
         use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
         const OP: &str = "hgemm (cuda)";
+        self.bind(OP)?;
         for (operand, len, need) in [
             ("x", x.len(), checked_mul(OP, m, k)?),
             ("w", w.len(), checked_mul(OP, n, k)?),

@@ -1,7 +1,7 @@
 //! [`Int8Gemm`] on the GPU through host slices: uploads, runs the GPU-resident API, downloads.
 
 use super::ops::{DeviceBatched, DeviceBmmOut, GemmOut};
-use super::CudaDevice;
+use super::{CudaDevice, GemmPath};
 use crate::error::Result;
 use crate::int8::{
     check_out_scale, validate_bmm, validate_gemm, ActScales, BatchedI8, BmmOutput, Int8Gemm,
@@ -16,6 +16,7 @@ use std::sync::Arc;
 #[derive(Clone, Debug)]
 pub struct CudaBackend {
     device: Arc<CudaDevice>,
+    path: GemmPath,
 }
 
 impl CudaBackend {
@@ -27,7 +28,12 @@ impl CudaBackend {
     }
 
     pub fn with_device(device: Arc<CudaDevice>) -> Self {
-        CudaBackend { device }
+        Self::with_path(device, GemmPath::Auto)
+    }
+
+    /// A backend whose GEMMs compute the INT32 product on `path` (tests, benchmarks).
+    pub fn with_path(device: Arc<CudaDevice>, path: GemmPath) -> Self {
+        CudaBackend { device, path }
     }
 
     pub fn device(&self) -> &Arc<CudaDevice> {
@@ -68,7 +74,7 @@ impl CudaBackend {
         let dw = d.upload_weights(wq, w.n(), w.k(), w.scales(), w.bias())?;
         let da = d.upload_acts(x_q, m, w.k(), x_scales.unwrap_or(ActScales::PerTensor(1.0)))?;
         let mut dout = d.zeros::<T>(out.len())?;
-        d.gemm(&da, &dw, make_out(&mut dout))?;
+        d.gemm_with(&da, &dw, make_out(&mut dout), self.path)?;
         d.download(&dout, out)
     }
 }

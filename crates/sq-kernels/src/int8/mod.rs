@@ -217,6 +217,27 @@ impl PackedInt8 {
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
+    /// The quantized weights `[n, k]`, row-major, whatever the layout (to hand them to
+    /// another backend or device).
+    pub fn unpack(&self) -> Vec<i8> {
+        match &self.data {
+            PackedData::RowMajor(w) => w.clone(),
+            PackedData::Panels(lines) => {
+                let (n, k) = (self.n, self.k);
+                let groups = pack::k_groups(k);
+                let mut out = vec![0i8; n * k];
+                for (j, row) in out.chunks_mut(k.max(1)).take(n).enumerate() {
+                    let panel = &lines[(j / PANEL_COLS) * groups..];
+                    let c = j % PANEL_COLS;
+                    for (kk, w) in row.iter_mut().enumerate().take(k) {
+                        *w = (panel[kk / 4].0[c * 4 + kk % 4] ^ 0x80) as i8;
+                    }
+                }
+                out
+            }
+        }
+    }
+
     /// Bytes of packed weight data (what a GEMM streams from memory).
     pub fn weight_bytes(&self) -> usize {
         match &self.data {

@@ -25,6 +25,7 @@ __device__ __forceinline__ sq_half sq_f16(float v) {
 }
 
 #define SQ_FULL_MASK 0xffffffffu
+#define SQ_INFINITY __int_as_float(0x7f800000)
 
 // sq_kernels::requantize: y * inv, clamped to [-127, 127] (fmaxf returns the non-NaN operand,
 // so NaN becomes -127, like f32::max), then rounded half to even.
