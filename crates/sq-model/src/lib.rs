@@ -28,6 +28,8 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod layers;
 pub mod linear;
 pub mod llama;
@@ -38,6 +40,7 @@ pub mod native;
 pub mod opt;
 pub mod quant;
 pub mod raw;
+pub mod runner;
 pub mod tokenizer;
 pub mod weights;
 
@@ -49,4 +52,5 @@ pub use linear::{FpLinear, Linear, LinearObserver, NamedLinear};
 pub use loader::{load, load_hf_dir, LoadedModel};
 pub use model::{Logits, Model, Session};
 pub use quant::{ActQuant, FakeQuantLinear, Int8Linear, WeightGranularity};
+pub use runner::{Forward, Runner, RunnerSession};
 pub use tokenizer::Tokenizer;

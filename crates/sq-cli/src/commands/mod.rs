@@ -27,16 +27,14 @@ pub fn run(command: Command, device: Device) -> Result<()> {
         Command::Inspect(_) => cpu_only("inspect")?,
         Command::Calibrate(_) => cpu_only("calibrate")?,
         Command::Quantize(_) => cpu_only("quantize")?,
-        Command::Eval(_) | Command::Generate(_) | Command::Bench(_) => {
-            gpu::require_forward(device)?
-        }
+        Command::Eval(_) | Command::Generate(_) | Command::Bench(_) => {}
     }
     match command {
         Command::Demo(a) => demo::run(a),
         Command::Inspect(a) => inspect::run(a),
-        Command::Eval(a) => eval::run(a),
-        Command::Generate(a) => generate::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Eval(a) => eval::run(a, device),
+        Command::Generate(a) => generate::run(a, device),
+        Command::Bench(a) => bench::run(a, device),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Quantize(a) => quantize::run(a),
     }
