@@ -80,7 +80,9 @@ mod trait_impl;
 pub use cudarc;
 pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 pub use layers::{GpuActivation, GpuAttention, MAX_HEAD_DIM};
-pub use ops::{DeviceActQuant, DeviceActs, DeviceBatched, DeviceBmmOut, DeviceWeights, GemmOut};
+pub use ops::{
+    DeviceActQuant, DeviceActs, DeviceBatched, DeviceBmmOut, DeviceFloat, DeviceWeights, GemmOut,
+};
 pub use trait_impl::CudaBackend;
 
 use crate::error::{KernelError, Result};
