@@ -8,7 +8,11 @@
 //! - `cargo xtask bench [gemm|model|all] [--threads N] [--json]`: benchmarks.
 //! - `cargo xtask fuzz [--cases N] [--seconds S] [--seed N] [--targets a,b]`: mutation
 //!   fuzzing of every parser of untrusted input (tests/fuzz.rs), with cases per second.
+//! - `cargo xtask bench ... --device cuda[:N]` runs the GPU GEMM suite (`sq_kernels::cuda::bench`).
+//! - `cargo xtask kernels [--arch compute_XY] [--ptx DIR]`: compile the CUDA kernel sources
+//!   (NVRTC or nvcc) and report errors with file and line.
 
+mod cuda;
 mod gemm_bench;
 
 use anyhow::{bail, Context, Result};
@@ -22,11 +26,14 @@ commands:
   test-command                           print the test command written in README.md
   snapshots [--accept|--reject] [ARGS]   run the tests (ARGS narrow `cargo test`, default --workspace)
                                          and show pending insta snapshots, or accept/reject them
-  bench [gemm|model|all] [--threads N] [--json]
-                                         benchmarks (see ../shared/cli-contract.md)
+  bench [gemm|model|all] [--threads N] [--json] [--device cpu|cuda[:N]]
+                                         benchmarks (see ../shared/cli-contract.md); `--device cuda`
+                                         times INT8 vs FP16 GEMMs on an NVIDIA GPU
   fuzz [--cases N] [--seconds S] [--seed N] [--targets a,b]
                                          mutation-fuzz every parser (N cases each, default 10000;
-                                         or S seconds each); see docs/reliability.md";
+                                         or S seconds each); see docs/reliability.md
+  kernels [--arch compute_XY] [--ptx DIR]
+                                         compile the CUDA kernels with NVRTC or nvcc";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,6 +48,7 @@ fn main() -> Result<()> {
         Some("snapshots") => snapshots(&root, &args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("kernels") => cuda::kernels(&root, &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -90,6 +98,18 @@ fn ci(root: &Path, no_test: bool) -> Result<()> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The CUDA backend type-checks (and lints) without a toolkit: cudarc loads its libraries at
+    // run time.
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--features",
+        "cuda",
         "--",
         "-D",
         "warnings",
@@ -218,11 +238,23 @@ fn bench(args: &[String]) -> Result<()> {
     let mut which = "all";
     let mut threads = None;
     let mut json = false;
+    let mut gpu = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "gemm" | "model" | "all" => which = a,
             "--json" => json = true,
+            "--device" => {
+                let d = it.next().context("--device needs cpu or cuda[:N]")?;
+                gpu = match d.as_str() {
+                    "cpu" => None,
+                    "cuda" => Some(0),
+                    other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                        Some(Ok(n)) => Some(n),
+                        _ => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+                    },
+                };
+            }
             "--threads" => {
                 let n = it.next().context("--threads needs a value")?;
                 threads = Some(
@@ -232,6 +264,14 @@ fn bench(args: &[String]) -> Result<()> {
             }
             other => bail!("unknown bench argument `{other}`\n\n{USAGE}"),
         }
+    }
+    if let Some(ordinal) = gpu {
+        if which != "gemm" {
+            bail!(
+                "`--device cuda` times the GEMMs only: run `cargo xtask bench gemm --device cuda`"
+            );
+        }
+        return cuda::bench_gemm(ordinal, json);
     }
     match which {
         "gemm" => gemm_bench::run(threads, json),

@@ -24,6 +24,11 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "N", value_parser = positive)]
     pub threads: Option<usize>,
 
+    /// Where the model runs: cpu, or cuda[:N] for NVIDIA GPU N (needs a build with
+    /// `--features cuda`; eval, generate and bench)
+    #[arg(long, global = true, value_name = "DEVICE", default_value = "cpu")]
+    pub device: sq_model::Device,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -45,8 +45,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    // A GPU that cannot be used is a user error, reported before any work.
+    if let Err(e) = cli.device.check() {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     let verbose = cli.verbose;
-    let result = commands::run(cli.command);
+    let result = commands::run(cli.command, cli.device);
     if verbose > 0 {
         // VmHWM: the most memory this process held resident at once (Linux; 0 elsewhere).
         let peak = commands::peak_rss_bytes();

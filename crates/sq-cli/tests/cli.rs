@@ -434,3 +434,25 @@ fn inspect_plot_writes_a_png() {
     assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 1150);
     assert!(bytes.len() > 20_000, "a blank image? {} bytes", bytes.len());
 }
+
+#[test]
+fn an_unusable_gpu_device_is_a_user_error() {
+    // No machine has GPU 99, and a build without the `cuda` feature has no GPU at all.
+    for args in [
+        &["generate", "--device", "cuda:99", "--prompt", "Once"][..],
+        &["eval", "--device", "cuda:99", "--data", "x.txt"][..],
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.starts_with("error: device cuda:99: "), "{err}");
+        assert!(err.contains("--device cpu"), "{err}");
+        assert!(
+            !err.contains("panicked") && !err.trim().contains("\n\n"),
+            "{err}"
+        );
+    }
+    let out = run(&["generate", "--device", "tpu", "--prompt", "Once"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected cpu, cuda or cuda:N"));
+}

@@ -439,7 +439,7 @@ pub fn bench_shape(
     })
 }
 
-fn json_number(v: f64) -> String {
+pub(crate) fn json_number(v: f64) -> String {
     if v.is_finite() {
         format!("{:.3}", v)
     } else {
@@ -447,7 +447,7 @@ fn json_number(v: f64) -> String {
     }
 }
 
-fn json_string(s: &str) -> String {
+pub(crate) fn json_string(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {

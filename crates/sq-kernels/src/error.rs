@@ -44,6 +44,15 @@ pub enum KernelError {
         reason: String,
     },
 
+    /// The CUDA backend cannot run here: built without the `cuda` feature, no NVIDIA driver,
+    /// no such device, or a CUDA library (cuBLASLt, NVRTC) missing.
+    #[error("CUDA is not available: {reason}")]
+    CudaUnavailable { reason: String },
+
+    /// A CUDA driver, cuBLAS(Lt) or NVRTC call failed.
+    #[error("{op}: CUDA error: {detail}")]
+    Cuda { op: &'static str, detail: String },
+
     /// No backend has this name.
     #[error("unknown kernel backend `{name}` (expected one of: reference, avx512vnni, avxvnni, portable)")]
     UnknownBackend { name: String },

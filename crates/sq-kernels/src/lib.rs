@@ -61,6 +61,8 @@ macro_rules! dispatch_tile {
 }
 
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dispatch;
 mod error;
 mod f32gemm;

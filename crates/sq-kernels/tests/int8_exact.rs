@@ -540,3 +540,19 @@ fn results_do_not_depend_on_thread_count() {
         assert!(outs.windows(2).all(|p| p[0] == p[1]), "{}", b.name());
     }
 }
+
+#[test]
+fn unpack_returns_the_weights_whatever_the_layout() {
+    let mut rng = Rng::new(21);
+    let mut backends = optimized_backends();
+    backends.push(std::sync::Arc::new(Reference));
+    for (n, k) in [(1, 1), (3, 5), (17, 7), (16, 64), (33, 130)] {
+        let w = rng.i8s(n * k);
+        for b in &backends {
+            let packed = b
+                .pack_weights(&w, n, k, WeightScales::PerTensor(1.0), None)
+                .unwrap();
+            assert_eq!(packed.unpack(), w, "{} n={n} k={k}", b.name());
+        }
+    }
+}

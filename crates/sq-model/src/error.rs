@@ -68,6 +68,10 @@ pub enum ModelError {
     #[error("{linear}: {reason}")]
     Observer { linear: String, reason: String },
 
+    /// The device asked for cannot run the model (no CUDA support built in, no driver or GPU).
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
+
     #[error("{0}")]
     Invalid(String),
 }

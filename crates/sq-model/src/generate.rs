@@ -1,6 +1,7 @@
 //! Text generation (greedy, or temperature + top-p sampling with a seed) and perplexity.
 
-use crate::model::{Logits, Model};
+use crate::model::Logits;
+use crate::runner::Forward;
 use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};
 use rand::{Rng, SeedableRng};
@@ -128,8 +129,8 @@ impl GenerateOutput {
 
 /// Generate up to `max_tokens` after `prompt` (token ids, BOS included if wanted), stopping at
 /// EOS. `on_text` receives each new piece of text as soon as it is complete UTF-8.
-pub fn generate(
-    model: &Model,
+pub fn generate<M: Forward + ?Sized>(
+    model: &M,
     tokenizer: &dyn Tokenizer,
     prompt: &[u32],
     max_tokens: usize,
@@ -141,17 +142,18 @@ pub fn generate(
             "the prompt is empty (no tokens)".into(),
         ));
     }
-    let capacity = (prompt.len() + max_tokens).min(model.config.max_position_embeddings);
+    let config = model.config();
+    let capacity = (prompt.len() + max_tokens).min(config.max_position_embeddings);
     if prompt.len() >= capacity && max_tokens > 0 {
         return Err(ModelError::Invalid(format!(
             "the prompt has {} tokens, which leaves no room in the model's context of {}",
             prompt.len(),
-            model.config.max_position_embeddings
+            config.max_position_embeddings
         )));
     }
-    let mut session = model.session(capacity);
-    let mut logits = Vec::with_capacity(model.config.vocab_size);
-    let eos = tokenizer.eos_id().or(model.config.eos_token_id);
+    let mut session = model.new_session(capacity)?;
+    let mut logits = Vec::with_capacity(config.vocab_size);
+    let eos = tokenizer.eos_id().or(config.eos_token_id);
     let mut out = Vec::with_capacity(max_tokens);
     let mut printed = String::new();
     let start = Instant::now();
@@ -182,7 +184,7 @@ pub fn generate(
             on_text(&text[printed.len()..]);
             printed = text;
         }
-        if out.len() >= max_tokens || session.cache.len() >= capacity {
+        if out.len() >= max_tokens || M::session_len(&session) >= capacity {
             break;
         }
         model.forward(&[next], &mut session, Logits::Last, &mut logits)?;
@@ -213,8 +215,8 @@ pub struct Perplexity {
 /// Perplexity over non-overlapping windows of `seq_len` tokens from the start of `tokens` (at
 /// most `max_windows`; a last partial window is dropped). Every token of a window except the
 /// first is predicted. `on_window` is called after each window (for progress).
-pub fn perplexity(
-    model: &Model,
+pub fn perplexity<M: Forward + ?Sized>(
+    model: &M,
     tokens: &[u32],
     seq_len: usize,
     max_windows: Option<usize>,
@@ -225,10 +227,11 @@ pub fn perplexity(
             "--seq-len must be at least 2, got {seq_len}"
         )));
     }
-    if seq_len > model.config.max_position_embeddings {
+    let config = model.config();
+    if seq_len > config.max_position_embeddings {
         return Err(ModelError::Invalid(format!(
             "--seq-len {seq_len} is longer than the model's context of {} tokens",
-            model.config.max_position_embeddings
+            config.max_position_embeddings
         )));
     }
     let available = tokens.len() / seq_len;
@@ -239,14 +242,14 @@ pub fn perplexity(
             tokens.len()
         )));
     }
-    let vocab = model.config.vocab_size;
-    let mut session = model.session(seq_len);
+    let vocab = config.vocab_size;
+    let mut session = model.new_session(seq_len)?;
     let mut logits = Vec::new();
     let mut nll = 0.0f64;
     let mut count = 0usize;
     for w in 0..windows {
         let window = &tokens[w * seq_len..(w + 1) * seq_len];
-        session.cache.clear();
+        M::clear_session(&mut session);
         model.forward(window, &mut session, Logits::All, &mut logits)?;
         for (pos, &target) in window.iter().enumerate().skip(1) {
             let row = &logits[(pos - 1) * vocab..pos * vocab];

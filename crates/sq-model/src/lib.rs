@@ -25,9 +25,12 @@
 pub mod bloom;
 pub mod compressed;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod layers;
 pub mod linear;
 pub mod llama;
@@ -38,16 +41,19 @@ pub mod native;
 pub mod opt;
 pub mod quant;
 pub mod raw;
+pub mod runner;
 pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Activation, Architecture, ModelConfig};
+pub use device::Device;
 pub use error::{ModelError, Result};
 pub use generate::{generate, perplexity, GenerateOutput, Perplexity, Sampler};
 pub use linear::{FpLinear, Linear, LinearObserver, NamedLinear};
 pub use loader::{load, load_hf_dir, LoadedModel};
 pub use model::{Logits, Model, Session};
 pub use quant::{ActQuant, FakeQuantLinear, Int8Linear, WeightGranularity};
+pub use runner::{Forward, Runner, RunnerSession};
 pub use tokenizer::Tokenizer;
 
 // One loaded model serves several generations at once (each with its own `Session`): the

@@ -6,27 +6,27 @@ use super::pipeline::build;
 use crate::args::BenchArgs;
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
-use sq_model::{Logits, Model};
+use sq_model::{Forward, Logits};
 use std::time::Instant;
 
 /// Prefill and decode speed of one prompt length (one warm run first, then the median of three).
-pub fn measure(
-    model: &Model,
+pub fn measure<M: Forward + ?Sized>(
+    model: &M,
     prompt_len: usize,
     gen_tokens: usize,
     seed: u64,
 ) -> Result<(f64, f64)> {
-    let vocab = model.config.vocab_size as u32;
+    let vocab = model.config().vocab_size as u32;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let prompt: Vec<u32> = (0..prompt_len)
         .map(|_| rng.random_range(0..vocab))
         .collect();
-    let mut session = model.session(prompt_len + gen_tokens);
+    let mut session = model.new_session(prompt_len + gen_tokens)?;
     let mut logits = Vec::new();
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for rep in 0..4 {
-        session.cache.clear();
+        M::clear_session(&mut session);
         let t = Instant::now();
         model.forward(&prompt, &mut session, Logits::Last, &mut logits)?;
         let p = t.elapsed().as_secs_f64();
@@ -56,7 +56,7 @@ pub fn measure(
     ))
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
+pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
     let schemes = super::common::schemes_for(&a.model, &a.quant, &[Scheme::Fp32])?;
     require_runnable(&schemes, &a.model, &a.quant)?;
     if a.prompt_len.is_empty() || a.prompt_len.contains(&0) {
@@ -69,8 +69,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for scheme in &schemes {
         let loaded = build(*scheme, &a.model, &a.quant, stats.as_ref(), show)?.loaded;
         label = model_label(&loaded);
-        let model = &loaded.model;
-        let context = model.config.max_position_embeddings;
+        let model = super::gpu::runner(&loaded.model, device, show)?;
+        let context = model.config().max_position_embeddings;
         for &len in &a.prompt_len {
             if len + a.gen_tokens > context {
                 eprintln!(
@@ -89,7 +89,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 ),
                 show,
             );
-            let (prefill, decode) = measure(model, len, a.gen_tokens, a.quant.calib.seed)?;
+            let (prefill, decode) = measure(&model, len, a.gen_tokens, a.quant.calib.seed)?;
             pb.finish_and_clear();
             let mut row = super::pipeline::scheme_fields_for(
                 *scheme,
@@ -102,6 +102,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             row.insert("decode_tokens_per_s".into(), decode.into());
             row.insert("peak_rss_bytes".into(), peak_rss_bytes().into());
             row.insert("model_bytes".into(), model.weight_bytes().into());
+            if let Some(used) = model.device_memory_used() {
+                // The stream-ordered allocator keeps what the run needed: about its peak.
+                row.insert("gpu_memory_bytes".into(), used.into());
+            }
             rows.push(serde_json::Value::Object(row));
         }
     }

@@ -7,7 +7,7 @@ use crate::args::EvalArgs;
 use anyhow::{bail, Result};
 use sq_model::perplexity;
 
-pub fn run(a: EvalArgs) -> Result<()> {
+pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
     let schemes = super::common::schemes_for(
         &a.model,
         &a.quant,
@@ -35,23 +35,20 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let tokens = loaded.tokenizer.encode(&text)?;
         let windows = (tokens.len() / a.seq_len.max(1)).min(a.max_windows.unwrap_or(usize::MAX));
         let _span = tracing::info_span!("eval", scheme = scheme.name(), windows).entered();
+        let runner = super::gpu::runner(&loaded.model, device, show)?;
         let pb = token_bar(
             (windows * a.seq_len) as u64,
             &format!("eval {}", scheme.name()),
             show,
         );
-        let p = perplexity(
-            &loaded.model,
-            &tokens,
-            a.seq_len,
-            a.max_windows,
-            |done, _| pb.set_position((done * a.seq_len) as u64),
-        )?;
+        let p = perplexity(&runner, &tokens, a.seq_len, a.max_windows, |done, _| {
+            pb.set_position((done * a.seq_len) as u64)
+        })?;
         pb.finish_and_clear();
         let mut row =
             super::pipeline::scheme_fields_for(*scheme, &a.quant, loaded.quantization.as_ref())?;
         row.insert("perplexity".into(), p.perplexity.into());
-        row.insert("model_bytes".into(), loaded.model.weight_bytes().into());
+        row.insert("model_bytes".into(), runner.weight_bytes().into());
         if *scheme == Scheme::SmoothQuant && loaded.quantization.is_none() {
             row.insert("smoothed_groups".into(), built.smoothing.len().into());
             if super::pipeline::is_auto(&a.quant) {

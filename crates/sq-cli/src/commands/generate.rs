@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use sq_model::{generate, Sampler};
 use std::io::Write;
 
-pub fn run(a: GenerateArgs) -> Result<()> {
+pub fn run(a: GenerateArgs, device: sq_model::Device) -> Result<()> {
     let schemes = super::common::schemes_for(&a.model, &a.quant, &[Scheme::Fp32])?;
     if schemes.len() != 1 {
         bail!(
@@ -39,13 +39,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             prompt.len()
         );
     }
+    let runner = super::gpu::runner(&loaded.model, device, show)?;
     let stream = !a.json;
     if stream {
         print!("{}", a.prompt);
         std::io::stdout().flush()?;
     }
     let out = generate(
-        &loaded.model,
+        &runner,
         loaded.tokenizer.as_ref(),
         &prompt,
         a.max_tokens,

@@ -6,6 +6,7 @@ mod common;
 mod demo;
 mod eval;
 mod generate;
+mod gpu;
 mod inspect;
 mod pipeline;
 mod plot;
@@ -14,15 +15,29 @@ mod quantize;
 pub use common::peak_rss_bytes;
 
 use crate::args::Command;
-use anyhow::Result;
+use anyhow::{bail, Result};
+use sq_model::Device;
 
-pub fn run(command: Command) -> Result<()> {
+pub fn run(command: Command, device: Device) -> Result<()> {
+    let cpu_only = |name: &str| -> Result<()> {
+        if device != Device::Cpu {
+            bail!("`{name}` runs on the CPU only (calibration and quantization observe and rewrite the model in host memory); drop --device {device}");
+        }
+        Ok(())
+    };
+    match &command {
+        Command::Demo(_) => cpu_only("demo")?,
+        Command::Inspect(_) => cpu_only("inspect")?,
+        Command::Calibrate(_) => cpu_only("calibrate")?,
+        Command::Quantize(_) => cpu_only("quantize")?,
+        Command::Eval(_) | Command::Generate(_) | Command::Bench(_) => {}
+    }
     match command {
         Command::Demo(a) => demo::run(a),
         Command::Inspect(a) => inspect::run(a),
-        Command::Eval(a) => eval::run(a),
-        Command::Generate(a) => generate::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Eval(a) => eval::run(a, device),
+        Command::Generate(a) => generate::run(a, device),
+        Command::Bench(a) => bench::run(a, device),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Quantize(a) => quantize::run(a),
     }

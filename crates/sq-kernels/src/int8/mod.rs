@@ -217,6 +217,27 @@ impl PackedInt8 {
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
+    /// The quantized weights `[n, k]`, row-major, whatever the layout (to hand them to
+    /// another backend or device).
+    pub fn unpack(&self) -> Vec<i8> {
+        match &self.data {
+            PackedData::RowMajor(w) => w.clone(),
+            PackedData::Panels(lines) => {
+                let (n, k) = (self.n, self.k);
+                let groups = pack::k_groups(k);
+                let mut out = vec![0i8; n * k];
+                for (j, row) in out.chunks_mut(k.max(1)).take(n).enumerate() {
+                    let panel = &lines[(j / PANEL_COLS) * groups..];
+                    let c = j % PANEL_COLS;
+                    for (kk, w) in row.iter_mut().enumerate().take(k) {
+                        *w = (panel[kk / 4].0[c * 4 + kk % 4] ^ 0x80) as i8;
+                    }
+                }
+                out
+            }
+        }
+    }
+
     /// Bytes of packed weight data (what a GEMM streams from memory).
     pub fn weight_bytes(&self) -> usize {
         match &self.data {
@@ -342,6 +363,36 @@ impl<'a> BatchedI8<'a> {
         }
     }
 
+    /// The shape and strides, without the data.
+    pub(crate) fn shape(&self) -> BatchedShape {
+        BatchedShape {
+            len: self.data.len(),
+            batch: self.batch,
+            rows: self.rows,
+            cols: self.cols,
+            batch_stride: self.batch_stride,
+            row_stride: self.row_stride,
+        }
+    }
+
+    pub(crate) fn offset(&self, b: usize, r: usize, c: usize) -> usize {
+        b * self.batch_stride + r * self.row_stride + c
+    }
+}
+
+/// A batched operand's shape and strides with the length of its buffer: what the bmm checks
+/// need, whether the data lives on the host or on a GPU.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BatchedShape {
+    pub len: usize,
+    pub batch: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub batch_stride: usize,
+    pub row_stride: usize,
+}
+
+impl BatchedShape {
     /// Index one past the last element addressed, checking the strides cannot overflow.
     fn required_len(&self, op: &'static str) -> Result<usize> {
         if self.batch == 0 || self.rows == 0 || self.cols == 0 {
@@ -358,9 +409,9 @@ impl<'a> BatchedI8<'a> {
             })
     }
 
-    pub(crate) fn validate(&self, op: &'static str, operand: &'static str) -> Result<()> {
+    fn validate(&self, op: &'static str, operand: &'static str) -> Result<()> {
         let need = self.required_len(op)?;
-        if self.data.len() < need {
+        if self.len < need {
             return Err(KernelError::BadLength {
                 op,
                 operand,
@@ -369,14 +420,10 @@ impl<'a> BatchedI8<'a> {
                     self.batch, self.rows, self.cols, self.batch_stride, self.row_stride
                 ),
                 expected: need,
-                actual: self.data.len(),
+                actual: self.len,
             });
         }
         Ok(())
-    }
-
-    pub(crate) fn offset(&self, b: usize, r: usize, c: usize) -> usize {
-        b * self.batch_stride + r * self.row_stride + c
     }
 }
 
@@ -450,6 +497,30 @@ pub(crate) fn validate_bmm(
     b_transposed: bool,
     out: &BmmOutput<'_>,
 ) -> Result<BmmShape> {
+    let scale = match out {
+        BmmOutput::F32 { scale, .. } => Some(*scale),
+        BmmOutput::I32 { .. } => None,
+    };
+    validate_bmm_shapes(
+        op,
+        &a.shape(),
+        &b.shape(),
+        b_transposed,
+        out.strides(),
+        scale,
+    )
+}
+
+/// [`validate_bmm`] on shapes: `out` is `(len, batch_stride, row_stride)`, `out_scale` the f32
+/// output's scale (None for INT32).
+pub(crate) fn validate_bmm_shapes(
+    op: &'static str,
+    a: &BatchedShape,
+    b: &BatchedShape,
+    b_transposed: bool,
+    out: (usize, usize, usize),
+    out_scale: Option<f32>,
+) -> Result<BmmShape> {
     a.validate(op, "a")?;
     b.validate(op, "b")?;
     let (n, kb) = if b_transposed {
@@ -484,16 +555,16 @@ pub(crate) fn validate_bmm(
         k: a.cols,
     };
     check_k(op, shape.k)?;
-    if let BmmOutput::F32 { scale, .. } = out {
+    if let Some(scale) = out_scale {
         if !scale.is_finite() {
             return Err(KernelError::InvalidScale {
                 op,
                 what: "the bmm output",
-                value: *scale,
+                value: scale,
             });
         }
     }
-    let (len, bs, rs) = out.strides();
+    let (len, bs, rs) = out;
     let (batch, m) = (shape.batch, shape.m);
     if batch == 0 || m == 0 || n == 0 {
         return Ok(shape);
