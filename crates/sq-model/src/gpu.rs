@@ -645,6 +645,24 @@ impl GpuModel {
 }
 
 fn upload_linear(dev: &Arc<CudaDevice>, l: &NamedLinear, fp: FpPrecision) -> Result<GpuLinear> {
+    // A run-time smoothing divide (BLOOM's dense_4h_to_h under --smooth-targets all) has no GPU
+    // upload yet: refuse it by name rather than drop it.
+    let runtime_divide = l.as_fp().and_then(|f| f.input_smoothing()).is_some()
+        || l.linear
+            .as_any()
+            .downcast_ref::<Int8Linear>()
+            .and_then(|q| q.input_smoothing())
+            .is_some();
+    if runtime_divide {
+        return Err(device_error(
+            dev,
+            format!(
+                "{}: its smoothing divides the input at run time, which the GPU path does not do \
+                 yet; quantize with --smooth-targets paper or run with --device cpu",
+                l.name
+            ),
+        ));
+    }
     if let Some(f) = l.as_fp() {
         let (n, k) = (f.out_features(), f.in_features());
         let w = f.weight();
