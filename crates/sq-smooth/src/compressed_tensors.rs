@@ -67,6 +67,7 @@ pub fn ct_quantization_config(recipe: &Recipe, ignore: &[String]) -> Result<serd
         "global_compression_ratio": null,
         "ignore": ignore,
         "kv_cache_scheme": null,
+        "moe_sparsity_config": null,
         "quant_method": CT_QUANT_METHOD,
         "quantization_status": "compressed",
         "sparsity_config": {},
