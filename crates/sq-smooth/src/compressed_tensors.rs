@@ -89,16 +89,14 @@ fn dynamic_per_tensor_error() -> SmoothError {
 /// `out` atomically in the compressed-tensors `int-quantized` layout. `stats` must describe the
 /// model as it is (static scales read them). A non-empty `out` is replaced only with `overwrite`.
 ///
-/// `runtime_divides` names the Linears whose input smoothing is applied as a run-time divide
-/// instead of being folded into a preceding operation (BLOOM's `dense_4h_to_h` under
-/// `--smooth-targets all`): compressed-tensors has no field for it, so any entry is an error
-/// naming the layer. Callers pass every such Linear of the smoothed model.
+/// A Linear whose input smoothing is a run-time divide instead of a fold into a preceding
+/// operation (BLOOM's `dense_4h_to_h` under `--smooth-targets all`) has no compressed-tensors
+/// field: it is an error naming the layer.
 pub fn save_compressed_tensors(
     model: &Model,
     hf_config: &serde_json::Value,
     stats: Option<&StatsTable>,
     info: &ExportInfo,
-    runtime_divides: &[String],
     out: &Path,
     overwrite: bool,
 ) -> Result<()> {
@@ -108,7 +106,11 @@ pub fn save_compressed_tensors(
     }
     // The check point for smoothing folds the layout cannot express: a vector that divides a
     // Linear's input at run time would be silently lost, so refuse it by name.
-    if let Some(name) = runtime_divides.first() {
+    let runtime_divide = model
+        .linears()
+        .into_iter()
+        .find(|l| l.as_fp().and_then(|f| f.input_smoothing()).is_some());
+    if let Some(name) = runtime_divide.map(|l| &l.name) {
         return Err(SmoothError::Unsupported(format!(
             "`{name}` divides its input by its smoothing scales at run time (no preceding \
              operation can absorb them), which the compressed-tensors layout cannot express: \

@@ -214,7 +214,8 @@ impl Subset {
 /// neighbouring groups interact through the residual stream and the norms, and a row fold
 /// changes the producing Linear's weight quantization). This stage smooths and quantizes copies
 /// of `fp` (with `quantize`, the real INT8 path) for whole-model candidates and keeps the one
-/// with the lowest loss on `eval_windows` (token windows of calibration text):
+/// with the lowest loss on up to `max_windows` windows of `seq_len` tokens of `eval_tokens`
+/// (calibration text, windowed as `sq_model::perplexity` does):
 /// 1. every global α of `global_grid` on all `groups`, then the α 0.05 either side of the
 ///    best one;
 /// 2. at the best global α, the groups that do not fold into a norm dropped in part or whole
@@ -230,14 +231,15 @@ pub fn refine_alphas(
     stats: &StatsTable,
     local: &[AlphaChoice],
     global_grid: &[f32],
-    eval_windows: &[&[u32]],
+    eval_tokens: &[u32],
+    seq_len: usize,
+    max_windows: usize,
     mut quantize: impl FnMut(&mut Model, &StatsTable) -> Result<()>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<AlphaRefinement> {
-    if global_grid.is_empty() || eval_windows.iter().all(|w| w.len() < 2) {
+    if global_grid.is_empty() {
         return Err(SmoothError::Config(
-            "the model-level alpha search needs a grid and calibration windows of at least 2 tokens"
-                .into(),
+            "the model-level alpha search needs a grid of alpha values".into(),
         ));
     }
     let has_beyond = groups.iter().any(|g| g.norm().is_none());
@@ -254,7 +256,9 @@ pub fn refine_alphas(
         let mut st = stats.clone();
         crate::smooth_model(&mut model, &chosen, &mut st, &alphas)?;
         quantize(&mut model, &st)?;
-        let mean_nll = mean_nll(&model, eval_windows)?;
+        let mean_nll =
+            sq_model::perplexity(&model, eval_tokens, seq_len, Some(max_windows), |_, _| {})?
+                .mean_nll;
         tracing::info!(candidate = %label, mean_nll, "alpha candidate");
         tried.push(AlphaCandidate {
             label,
@@ -348,25 +352,4 @@ pub fn refine_alphas(
     )?;
     let chosen = tried[best(&tried)].clone();
     Ok(AlphaRefinement { chosen, tried })
-}
-
-/// Mean negative log-likelihood per predicted token of `model` over `windows`.
-fn mean_nll(model: &Model, windows: &[&[u32]]) -> Result<f64> {
-    let longest = windows.iter().map(|w| w.len()).max().unwrap_or(0);
-    let mut session = model.session(longest);
-    let vocab = model.config.vocab_size;
-    let mut logits = Vec::new();
-    let (mut nll, mut count) = (0.0f64, 0usize);
-    for w in windows.iter().filter(|w| w.len() >= 2) {
-        session.cache.clear();
-        model.forward(w, &mut session, sq_model::Logits::All, &mut logits)?;
-        for (pos, &target) in w.iter().enumerate().skip(1) {
-            nll += sq_model::generate::token_nll(
-                &logits[(pos - 1) * vocab..pos * vocab],
-                target as usize,
-            );
-            count += 1;
-        }
-    }
-    Ok(nll / count.max(1) as f64)
 }

@@ -50,17 +50,7 @@ fn smoothing_preserves_logits_on_every_prenorm_fixture() {
             let mut ids = loaded.tokenizer.encode(TEXT).unwrap();
             ids.truncate(96);
             let before = logits(&loaded.model, &ids);
-            let mut stats = calibrate(
-                &mut loaded.model,
-                &ids,
-                &CalibConfig {
-                    samples: 1,
-                    seq_len: 128,
-                    seed: 0,
-                },
-                |_, _| {},
-            )
-            .unwrap();
+            let mut stats = calib(&mut loaded.model, &ids);
             let groups = paper_groups(&loaded.model).unwrap();
             assert_eq!(groups.len(), 2 * loaded.model.layers.len());
             let results = smooth_model(
@@ -80,17 +70,7 @@ fn smoothing_preserves_logits_on_every_prenorm_fixture() {
             let first = &results[0];
             assert!(first.ratio_after < first.ratio_before, "{name}: {first:?}");
             // The statistics now describe the smoothed model: recalibrating gives the same ranges.
-            let fresh = calibrate(
-                &mut loaded.model,
-                &ids,
-                &CalibConfig {
-                    samples: 1,
-                    seq_len: 128,
-                    seed: 0,
-                },
-                |_, _| {},
-            )
-            .unwrap();
+            let fresh = calib(&mut loaded.model, &ids);
             let q = first.group.name();
             let (a, b) = (
                 stats.get(q).unwrap().channel_absmax(),

@@ -312,7 +312,6 @@ fn model_level_alpha_refinement_keeps_the_lowest_loss() {
         |_, _| {},
     )
     .unwrap();
-    let windows: Vec<&[u32]> = ids.chunks(48).collect();
     let quantize = |m: &mut Model, st: &StatsTable| {
         quantize_model(m, &recipe, Some(st), backend.clone()).map(|_| ())
     };
@@ -323,7 +322,9 @@ fn model_level_alpha_refinement_keeps_the_lowest_loss() {
         &stats,
         &local,
         &grid,
-        &windows,
+        &ids,
+        48,
+        2,
         quantize,
         |_, _| {},
     )
@@ -347,7 +348,7 @@ fn model_level_alpha_refinement_keeps_the_lowest_loss() {
     let mut st = stats.clone();
     smooth_model(&mut again, &r.chosen.groups, &mut st, &r.chosen.alphas).unwrap();
     quantize_model(&mut again, &recipe, Some(&st), backend.clone()).unwrap();
-    let fp_logits = logits(&again, windows[0]);
+    let fp_logits = logits(&again, &ids[..48]);
     assert!(fp_logits.iter().all(|v| v.is_finite()));
     let r2 = refine_alphas(
         &loaded.model,
@@ -355,7 +356,9 @@ fn model_level_alpha_refinement_keeps_the_lowest_loss() {
         &stats,
         &local,
         &grid,
-        &windows,
+        &ids,
+        48,
+        2,
         |m: &mut Model, st: &StatsTable| {
             quantize_model(m, &recipe, Some(st), backend.clone()).map(|_| ())
         },

@@ -224,8 +224,7 @@ pub fn auto_alpha(
     // Model-level stage: whole-model candidates scored by the quantized model's loss on a few
     // calibration windows (the per-group errors alone do not always track perplexity).
     let seq_len = cfg.seq_len.max(2);
-    let windows: Vec<&[u32]> = tokens.chunks_exact(seq_len).take(4).collect();
-    if windows.is_empty() {
+    if tokens.len() < seq_len {
         bail!(
             "--alpha auto: the calibration text has {} tokens, fewer than one window of --calib-seq-len {seq_len}",
             tokens.len()
@@ -240,7 +239,9 @@ pub fn auto_alpha(
         stats,
         &choices,
         &grid,
-        &windows,
+        &tokens,
+        seq_len,
+        4,
         |m, st| quantize_model(m, recipe, Some(st), backend.clone()).map(|_| ()),
         |d, _| pb.set_position(d as u64),
     )?;

@@ -127,14 +127,11 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             &a.out,
             a.force,
         ),
-        // Linears whose smoothing is a run-time divide (no fold possible, BLOOM's
-        // dense_4h_to_h) cannot be expressed; the writer refuses them by name.
         ExportFormat::CompressedTensors => save_compressed_tensors(
             &loaded.model,
             &loaded.hf_config,
             Some(&stats),
             &info,
-            &runtime_divides(&loaded.model),
             &a.out,
             a.force,
         ),
@@ -172,14 +169,4 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         bytes as f64 / 1e6
     );
     Ok(())
-}
-
-/// The Linears whose smoothing is a run-time divide inside their activation quantizer.
-fn runtime_divides(model: &sq_model::Model) -> Vec<String> {
-    model
-        .linears()
-        .iter()
-        .filter(|l| l.as_fp().and_then(|f| f.input_smoothing()).is_some())
-        .map(|l| l.name.clone())
-        .collect()
 }
