@@ -84,7 +84,8 @@ pub use quantize::{
     fake_quantize_model, quantize_model, quantize_model_with_progress, ActPolicy, Recipe,
 };
 pub use search::{
-    default_grid, refine_alphas, search_alphas, AlphaCandidate, AlphaChoice, AlphaRefinement,
+    default_grid, group_kind, refine_alphas, search_alphas, AlphaCandidate, AlphaChoice,
+    AlphaRefinement,
 };
 
 /// Smallest smoothing scale and smallest weight range, as in the official code.

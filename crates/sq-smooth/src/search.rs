@@ -220,8 +220,11 @@ impl Subset {
 ///    best one;
 /// 2. at the best global α, the groups that do not fold into a norm dropped in part or whole
 ///    (when `groups` has any);
-/// 3. on the best subset, the per-group choices `local`, as found and clamped to within 0.1 of
-///    the best global α.
+/// 3. on the best subset, one α per kind of group (the groups that play the same role in every
+///    layer, e.g. all `q_proj` groups): a coordinate search that moves one kind at a time by
+///    ±0.05 and ±0.1 from the best global α and keeps each move that lowers the loss;
+/// 4. on the best subset, the per-group choices `local`, as found and clamped to within 0.1 of
+///    the α of their kind.
 ///
 /// `stats` are the unsmoothed statistics. Ties go to the earlier (simpler) candidate.
 #[allow(clippy::too_many_arguments)]
@@ -243,7 +246,18 @@ pub fn refine_alphas(
         ));
     }
     let has_beyond = groups.iter().any(|g| g.norm().is_none());
-    let total = global_grid.len() + 2 + if has_beyond { 3 } else { 0 } + 2;
+    let n_kinds = {
+        let mut kinds: Vec<String> = groups.iter().map(|g| group_kind(g.name())).collect();
+        kinds.sort();
+        kinds.dedup();
+        kinds.len()
+    };
+    let kind_moves = if n_kinds > 1 {
+        KIND_STEPS.len() * n_kinds
+    } else {
+        0
+    };
+    let total = global_grid.len() + 2 + if has_beyond { 3 } else { 0 } + kind_moves + 2;
     let mut tried: Vec<AlphaCandidate> = Vec::with_capacity(total);
     let mut evaluate = |tried: &mut Vec<AlphaCandidate>,
                         label: String,
@@ -322,16 +336,58 @@ pub fn refine_alphas(
             ][b - before];
         }
     }
+    // One α per kind of group, by coordinate search around the best global α.
+    let kept: Vec<&SmoothGroup> = groups.iter().filter(|g| subset.keeps(g)).collect();
+    let mut kinds: Vec<String> = Vec::new();
+    for g in &kept {
+        let kind = group_kind(g.name());
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    let mut kind_alpha: BTreeMap<String, f32> =
+        kinds.iter().map(|k| (k.clone(), best_global)).collect();
+    let by_kind = |kind_alpha: &BTreeMap<String, f32>| AlphaSpec::PerGroup {
+        default: best_global,
+        groups: kept
+            .iter()
+            .map(|g| (g.name().to_string(), kind_alpha[&group_kind(g.name())]))
+            .collect(),
+    };
+    let mut best_nll = tried[best(&tried)].mean_nll;
+    if kinds.len() > 1 {
+        for kind in &kinds {
+            let center = kind_alpha[kind];
+            for step in KIND_STEPS {
+                let a = ((center + step) * 100.0).round() / 100.0;
+                if !(0.0..=1.0).contains(&a) {
+                    continue;
+                }
+                let mut trial = kind_alpha.clone();
+                trial.insert(kind.clone(), a);
+                let label = format!("per-kind {}{}", kinds_label(&trial), subset.label());
+                evaluate(&mut tried, label, by_kind(&trial), subset)?;
+                let nll = tried.last().expect("just evaluated").mean_nll;
+                if nll < best_nll {
+                    best_nll = nll;
+                    kind_alpha = trial;
+                }
+            }
+        }
+    }
     let per_group = |clamp: Option<f32>| AlphaSpec::PerGroup {
         default: best_global,
         groups: local
             .iter()
             .map(|c| {
                 let a = match clamp {
-                    Some(w) => c
-                        .alpha
-                        .clamp(best_global - w, best_global + w)
-                        .clamp(0.0, 1.0),
+                    Some(w) => {
+                        let center = kind_alpha
+                            .get(&group_kind(&c.group))
+                            .copied()
+                            .unwrap_or(best_global);
+                        c.alpha.clamp(center - w, center + w).clamp(0.0, 1.0)
+                    }
                     None => c.alpha,
                 };
                 (c.group.clone(), a)
@@ -344,12 +400,65 @@ pub fn refine_alphas(
         per_group(None),
         subset,
     )?;
+    let center_label = if kind_alpha.values().all(|&a| a == best_global) {
+        format!("{best_global}")
+    } else {
+        "the per-kind alphas".to_string()
+    };
     evaluate(
         &mut tried,
-        format!("per-group within 0.1 of {best_global}{}", subset.label()),
+        format!("per-group within 0.1 of {center_label}{}", subset.label()),
         per_group(Some(0.1)),
         subset,
     )?;
     let chosen = tried[best(&tried)].clone();
     Ok(AlphaRefinement { chosen, tried })
+}
+
+/// Moves tried for each kind's α in the per-kind stage of [`refine_alphas`].
+const KIND_STEPS: [f32; 4] = [-0.1, -0.05, 0.05, 0.1];
+
+/// The role of a group in its layer: its name with the layer index replaced by `*`
+/// (`model.layers.3.self_attn.q_proj` -> `model.layers.*.self_attn.q_proj`).
+pub fn group_kind(name: &str) -> String {
+    let mut replaced = false;
+    name.split('.')
+        .map(|part| {
+            if !replaced && !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+                replaced = true;
+                "*"
+            } else {
+                part
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// `q_proj 0.6, gate_proj 0.45` for a per-kind table (the last part of each kind's name).
+fn kinds_label(kind_alpha: &BTreeMap<String, f32>) -> String {
+    kind_alpha
+        .iter()
+        .map(|(k, a)| format!("{} {a}", k.rsplit('.').next().unwrap_or(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_kind;
+
+    #[test]
+    fn group_kind_replaces_the_layer_index_only() {
+        assert_eq!(
+            group_kind("model.layers.12.self_attn.q_proj"),
+            "model.layers.*.self_attn.q_proj"
+        );
+        assert_eq!(
+            group_kind("transformer.h.3.self_attention.query_key_value"),
+            "transformer.h.*.self_attention.query_key_value"
+        );
+        assert_eq!(group_kind("lm_head"), "lm_head");
+        assert_eq!(group_kind("a.0.b.1"), "a.*.b.1");
+    }
 }

@@ -329,9 +329,19 @@ fn model_level_alpha_refinement_keeps_the_lowest_loss() {
         |_, _| {},
     )
     .unwrap();
-    // 3 global + up to 2 refinements + 3 subsets + 2 per-group.
+    // 3 global + up to 2 refinements + 3 subsets + per-kind moves + 2 per-group.
     assert!(r.tried.len() >= 8, "{:?}", r.tried.len());
     assert!(r.tried.iter().any(|c| c.label.contains("norm groups only")));
+    assert!(r.tried.iter().any(|c| c.label.starts_with("per-kind")));
+    // Per-kind candidates give every group of one kind the same alpha.
+    for c in r.tried.iter().filter(|c| c.label.starts_with("per-kind")) {
+        let mut by_kind: std::collections::BTreeMap<String, f32> = Default::default();
+        for g in &c.groups {
+            let a = c.alphas.for_group(g.name());
+            let prev = *by_kind.entry(sq_smooth::group_kind(g.name())).or_insert(a);
+            assert_eq!(prev, a, "{}: {}", c.label, g.name());
+        }
+    }
     assert!(r.tried.iter().any(|c| c.label.starts_with("per-group")));
     for c in &r.tried {
         assert!(c.mean_nll.is_finite());

@@ -176,6 +176,10 @@ fn calibrate_loaded(loaded: &mut LoadedModel, q: &QuantArgs, show: bool) -> Resu
     Ok(stats)
 }
 
+/// Calibration windows that score each whole-model candidate of `--alpha auto`: 8 x 512 tokens
+/// (4,096 tokens); four windows were a noisy judge of the small differences on SmolLM2 (docs/results.md).
+const AUTO_SCORE_WINDOWS: usize = 8;
+
 /// Resolve `--alpha auto`: sample each group's inputs on calibration windows of the FP model and
 /// search the α grid per group for the recipe's quantization.
 pub fn auto_alpha(
@@ -241,9 +245,12 @@ pub fn auto_alpha(
         &grid,
         &tokens,
         seq_len,
-        4,
+        AUTO_SCORE_WINDOWS,
         |m, st| quantize_model(m, recipe, Some(st), backend.clone()).map(|_| ()),
-        |d, _| pb.set_position(d as u64),
+        |d, total| {
+            pb.set_length(total as u64);
+            pb.set_position(d as u64)
+        },
     )?;
     pb.finish_and_clear();
     let chosen = refinement.chosen;
