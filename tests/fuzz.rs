@@ -767,6 +767,7 @@ fn targets(work: &Path) -> Vec<Target> {
         recipe: smoothquant_rs::smooth::Recipe::O3,
         record: Default::default(),
         add_bos: true,
+        int8_attention: false,
         tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
         extra_files: vec![],
     };

@@ -179,7 +179,7 @@ pub struct QuantArgs {
     #[arg(long, value_name = "FILE")]
     pub act_scales: Option<PathBuf>,
 
-    /// Also quantize the attention BMMs and the KV cache to INT8
+    /// Also run the attention BMMs and the KV cache in INT8 (W8A8 schemes, on the CPU)
     #[arg(long)]
     pub int8_attention: bool,
 }

@@ -46,7 +46,9 @@ fn main() -> ExitCode {
         }
     }
     // A GPU that cannot be used is a user error, reported before any work.
-    if let Err(e) = cli.device.check() {
+    if let Err(e) = commands::check_int8_attention_device(&cli.command, cli.device)
+        .and_then(|()| cli.device.check().map_err(Into::into))
+    {
         eprintln!("error: {e}");
         return ExitCode::from(1);
     }

@@ -456,3 +456,104 @@ fn an_unusable_gpu_device_is_a_user_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected cpu, cuda or cuda:N"));
 }
+
+#[test]
+fn int8_attention_eval_quantize_reload_generate_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("act.safetensors");
+    let out = dir.path().join("stories-int8-attention");
+    let calib = assets().join("calib.txt");
+    let eval = assets().join("eval.txt");
+    json(&run(&[
+        "calibrate",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "8",
+        "--calib-seq-len",
+        "128",
+        "--out",
+        stats.to_str().unwrap(),
+        "--json",
+    ]));
+    let eval_rows = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec![
+            "eval",
+            "--data",
+            eval.to_str().unwrap(),
+            "--seq-len",
+            "128",
+            "--max-windows",
+            "4",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&run(&args))["results"].as_array().unwrap().clone()
+    };
+    let with = eval_rows(&["--act-scales", stats.to_str().unwrap(), "--int8-attention"]);
+    let without = eval_rows(&["--act-scales", stats.to_str().unwrap()]);
+    assert_eq!(with.len(), 3);
+    // fp32 keeps f32 attention; the W8A8 schemes run INT8 attention, close to their f32-attention
+    // perplexity but not equal to it.
+    assert_eq!(with[0]["int8_attention"], false);
+    for (w, wo) in with[1..].iter().zip(&without[1..]) {
+        assert_eq!(w["int8_attention"], true, "{w}");
+        assert_eq!(wo["int8_attention"], false, "{wo}");
+        let (a, b) = (
+            w["perplexity"].as_f64().unwrap(),
+            wo["perplexity"].as_f64().unwrap(),
+        );
+        assert!(a != b && (a / b - 1.0).abs() < 0.05, "{a} vs {b}");
+    }
+
+    let v = json(&run(&[
+        "quantize",
+        "--act-scales",
+        stats.to_str().unwrap(),
+        "--int8-attention",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(v["int8_attention"], true);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization_config"]["int8_attention"], true);
+    // The reloaded checkpoint runs INT8 attention without the flag, with the same perplexity.
+    let reloaded = eval_rows(&["--model", out.to_str().unwrap()]);
+    assert_eq!(reloaded.len(), 1);
+    assert_eq!(reloaded[0]["int8_attention"], true);
+    assert_eq!(reloaded[0]["perplexity"], with[2]["perplexity"]);
+
+    let v = json(&run(&[
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]));
+    assert_eq!(v["int8_attention"], true);
+    assert!(v["text"].as_str().unwrap().starts_with(','), "{v}");
+
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench", "--prompt-len", "32", "--gen-tokens", "4", "--json"];
+        args.extend_from_slice(extra);
+        json(&run(&args))["results"][0].clone()
+    };
+    let int8_row = bench(&["--model", out.to_str().unwrap()]);
+    let f32_row = bench(&["--scheme", "fp32"]);
+    assert_eq!(int8_row["int8_attention"], true);
+    assert_eq!(f32_row["int8_attention"], false);
+    let (i8_bytes, f32_bytes) = (
+        int8_row["kv_cache_bytes"].as_u64().unwrap(),
+        f32_row["kv_cache_bytes"].as_u64().unwrap(),
+    );
+    // stories260K: 5 layers, 4 KV heads of 8: f32 holds 2*5*36*32*4 bytes; INT8 a byte per
+    // element plus a 4-byte scale per (position, KV head).
+    assert_eq!(f32_bytes, 2 * 5 * 36 * 32 * 4);
+    assert_eq!(i8_bytes, 2 * 5 * 36 * (32 + 4 * 4));
+    assert!(int8_row["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}

@@ -750,9 +750,42 @@ fn inspect_alpha_auto() {
 }
 
 #[test]
-fn int8_attention_is_refused_until_it_exists() {
+fn int8_attention_with_fp32_alone() {
     fails(
         &["generate", "--prompt", "Once", "--int8-attention"],
-        &["--int8-attention", "not implemented"],
+        &["--int8-attention", "W8A8", "--scheme naive or smoothquant"],
     );
+}
+
+#[test]
+fn int8_attention_on_a_gpu() {
+    for cmd in [
+        &["eval", "--data", "x.txt", "--scheme", "naive"][..],
+        &["generate", "--prompt", "Once", "--scheme", "naive"][..],
+        &["bench", "--scheme", "naive"][..],
+    ] {
+        let mut args = vec!["--device", "cuda"];
+        args.extend_from_slice(cmd);
+        args.push("--int8-attention");
+        fails(&args, &["--device cuda", "CPU only", "--int8-attention"]);
+    }
+}
+
+#[test]
+fn int8_attention_in_compressed_tensors() {
+    let out = scratch().join("ct-int8-attention");
+    fails(
+        &[
+            "quantize",
+            "--calib-data",
+            &calib(),
+            "--format",
+            "compressed-tensors",
+            "--int8-attention",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["compressed-tensors", "--int8-attention", "--format native"],
+    );
+    assert!(!out.exists());
 }

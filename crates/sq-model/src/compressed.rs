@@ -626,6 +626,7 @@ pub fn load_compressed_tensors(
         weights,
         acts: acts.into(),
         add_bos,
+        int8_attention: false,
         extra,
     };
     Ok((

@@ -20,7 +20,7 @@ use crate::layers::Norm;
 use crate::linear::{Linear, NamedLinear};
 use crate::model::{Logits, Mlp, Model, QkvProj};
 use crate::quant::{ActQuant, Int8Linear};
-use crate::runner::Forward;
+use crate::runner::{Forward, INT8_ATTENTION_ON_GPU};
 use crate::{ModelError, Result};
 use half::f16;
 use sq_kernels::cuda::{
@@ -223,6 +223,9 @@ impl GpuModel {
     /// Uploads `model`'s weights to `dev`, full-precision Linears in `fp`.
     pub fn upload(model: &Model, dev: Arc<CudaDevice>, fp: FpPrecision) -> Result<Self> {
         let cfg = model.config.clone();
+        if model.attention.is_int8() {
+            return Err(device_error(&dev, INT8_ATTENTION_ON_GPU.into()));
+        }
         if cfg.head_dim > MAX_HEAD_DIM {
             return Err(device_error(
                 &dev,

@@ -2,6 +2,7 @@
 //! KV cache, activations.
 
 use crate::config::{Activation, NormKind};
+use crate::int8_attention::{Int8KvLayer, Int8KvStore};
 use crate::{ModelError, Result};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -124,25 +125,59 @@ pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, pos0: usize, inv
 }
 
 /// Keys and values of every layer, preallocated for `capacity` positions so decoding never
-/// allocates. Layout per layer: `[position, kv_head, head_dim]`.
+/// allocates. Layout per layer: `[position, kv_head, head_dim]`, in f32 or (INT8 attention) as
+/// INT8 codes with one scale per position and KV head.
 #[derive(Debug)]
 pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    store: KvStore,
     kv_dim: usize,
     capacity: usize,
     len: usize,
 }
 
+#[derive(Debug)]
+enum KvStore {
+    F32 {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+    },
+    Int8(Int8KvStore),
+}
+
+/// One layer's cached keys and values.
+#[derive(Clone, Copy, Debug)]
+pub enum LayerKv<'a> {
+    F32 { keys: &'a [f32], values: &'a [f32] },
+    Int8(Int8KvLayer<'a>),
+}
+
 impl KvCache {
+    /// An f32 cache.
     pub fn new(layers: usize, kv_dim: usize, capacity: usize) -> Self {
         KvCache {
-            keys: (0..layers).map(|_| vec![0.0; kv_dim * capacity]).collect(),
-            values: (0..layers).map(|_| vec![0.0; kv_dim * capacity]).collect(),
+            store: KvStore::F32 {
+                keys: (0..layers).map(|_| vec![0.0; kv_dim * capacity]).collect(),
+                values: (0..layers).map(|_| vec![0.0; kv_dim * capacity]).collect(),
+            },
             kv_dim,
             capacity,
             len: 0,
         }
+    }
+
+    /// An INT8 cache (one f32 scale per position and KV head).
+    pub fn new_int8(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+        KvCache {
+            store: KvStore::Int8(Int8KvStore::new(layers, kv_heads, head_dim, capacity)),
+            kv_dim: kv_heads * head_dim,
+            capacity,
+            len: 0,
+        }
+    }
+
+    /// Whether keys and values are held as INT8.
+    pub fn is_int8(&self) -> bool {
+        matches!(self.store, KvStore::Int8(_))
     }
 
     /// Positions filled so far.
@@ -175,23 +210,56 @@ impl KvCache {
         Ok(())
     }
 
-    pub(crate) fn store(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        let start = self.len * self.kv_dim;
-        self.keys[layer][start..start + k.len()].copy_from_slice(k);
-        self.values[layer][start..start + v.len()].copy_from_slice(v);
+    /// Write `k` and `v` (`[tokens, kv_dim]`) at the next positions (INT8: quantized here).
+    pub(crate) fn store(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        match &mut self.store {
+            KvStore::F32 { keys, values } => {
+                let start = self.len * self.kv_dim;
+                keys[layer][start..start + k.len()].copy_from_slice(k);
+                values[layer][start..start + v.len()].copy_from_slice(v);
+                Ok(())
+            }
+            KvStore::Int8(store) => store.store(layer, self.len, k, v),
+        }
     }
 
     pub(crate) fn advance(&mut self, tokens: usize) {
         self.len += tokens;
     }
 
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
+    pub(crate) fn layer(&self, layer: usize) -> LayerKv<'_> {
+        match &self.store {
+            KvStore::F32 { keys, values } => LayerKv::F32 {
+                keys: &keys[layer],
+                values: &values[layer],
+            },
+            KvStore::Int8(store) => LayerKv::Int8(store.layer(layer)),
+        }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * 2 * self.keys.len() * self.kv_dim * self.capacity
+        match &self.store {
+            KvStore::F32 { keys, .. } => 4 * 2 * keys.len() * self.kv_dim * self.capacity,
+            KvStore::Int8(store) => store.bytes(),
+        }
+    }
+
+    /// Bytes a cache of `capacity` positions holds, without allocating it: f32, or INT8 codes
+    /// plus one f32 scale per position and KV head.
+    pub fn bytes_for(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        int8: bool,
+    ) -> usize {
+        let per_position = if int8 {
+            kv_heads * head_dim + 4 * kv_heads
+        } else {
+            4 * kv_heads * head_dim
+        };
+        2 * layers * capacity * per_position
     }
 }
 

@@ -31,6 +31,7 @@ pub mod generate;
 pub mod gguf;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod int8_attention;
 pub mod layers;
 pub mod linear;
 pub mod llama;
@@ -49,6 +50,7 @@ pub use config::{Activation, Architecture, ModelConfig};
 pub use device::Device;
 pub use error::{ModelError, Result};
 pub use generate::{generate, perplexity, GenerateOutput, Perplexity, Sampler};
+pub use int8_attention::AttentionMode;
 pub use linear::{FpLinear, Linear, LinearObserver, NamedLinear};
 pub use loader::{load, load_hf_dir, LoadedModel};
 pub use model::{Logits, Model, Session};

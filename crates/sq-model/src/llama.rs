@@ -188,5 +188,6 @@ pub fn build(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model> {
         final_norm: Some(final_norm),
         lm_head: NamedLinear::new("lm_head", FpLinear::new(lm_head, v, h, None)?),
         config: cfg,
+        attention: Default::default(),
     })
 }

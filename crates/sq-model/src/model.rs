@@ -2,8 +2,11 @@
 //! configs and tensor names into these structures.
 
 use crate::config::{Activation, Architecture, ModelConfig, PositionEncoding};
+use crate::int8_attention::{
+    attention_fake_quant, attention_int8, AttentionMode, Int8AttentionScratch,
+};
 use crate::layers::{
-    activate, apply_rope, attention, attention_gemm, AttentionShape, KvCache, Norm,
+    activate, apply_rope, attention, attention_gemm, AttentionShape, KvCache, LayerKv, Norm,
     GEMM_ATTENTION_MIN_ROWS,
 };
 use crate::linear::NamedLinear;
@@ -101,6 +104,8 @@ pub struct Model {
     pub layers: Vec<Block>,
     pub final_norm: Option<Norm>,
     pub lm_head: NamedLinear,
+    /// f32 attention, or INT8 products and KV cache (`--int8-attention`); sessions follow it.
+    pub attention: AttentionMode,
 }
 
 /// Which logits a forward call produces.
@@ -134,6 +139,7 @@ struct Buffers {
     mlp_b: Vec<f32>,
     emb: Vec<f32>,
     head_in: Vec<f32>,
+    int8_attention: Int8AttentionScratch,
 }
 
 fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -191,16 +197,37 @@ impl Model {
             layers: self.layers.iter().map(clone_block).collect::<Result<_>>()?,
             final_norm: self.final_norm.clone(),
             lm_head: self.lm_head.try_clone()?,
+            attention: self.attention.clone(),
         })
     }
 
-    /// A session able to hold `capacity` positions (at most the model's context length).
+    /// A session able to hold `capacity` positions (at most the model's context length), its
+    /// KV cache in f32 or INT8 as [`Model::attention`] says.
     pub fn session(&self, capacity: usize) -> Session {
-        let capacity = capacity.min(self.config.max_position_embeddings).max(1);
+        let c = &self.config;
+        let capacity = capacity.min(c.max_position_embeddings).max(1);
+        let cache = if self.attention.is_int8() {
+            KvCache::new_int8(c.num_layers, c.num_kv_heads, c.head_dim, capacity)
+        } else {
+            KvCache::new(c.num_layers, c.kv_dim(), capacity)
+        };
         Session {
-            cache: KvCache::new(self.config.num_layers, self.config.kv_dim(), capacity),
+            cache,
             bufs: Buffers::default(),
         }
+    }
+
+    /// Bytes of the KV cache of a session of `capacity` positions (capped like [`Model::session`]).
+    pub fn kv_cache_bytes(&self, capacity: usize) -> usize {
+        let c = &self.config;
+        let capacity = capacity.min(c.max_position_embeddings).max(1);
+        KvCache::bytes_for(
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            capacity,
+            self.attention.is_int8(),
+        )
     }
 
     /// Every Linear with its name, in forward order (LM head last).
@@ -321,6 +348,21 @@ impl Model {
             return Err(ModelError::Invalid("forward called with no tokens".into()));
         }
         session.cache.check_room(t)?;
+        if session.cache.is_int8() != self.attention.is_int8() {
+            return Err(ModelError::Invalid(format!(
+                "the session's KV cache is {} but the model runs {} attention; start a new session",
+                if session.cache.is_int8() {
+                    "INT8"
+                } else {
+                    "f32"
+                },
+                if self.attention.is_int8() {
+                    "INT8"
+                } else {
+                    "f32"
+                },
+            )));
+        }
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
             return Err(ModelError::Invalid(format!(
                 "token id {bad} is outside the vocabulary of {} tokens",
@@ -450,8 +492,7 @@ impl Model {
             }
             PositionEncoding::Alibi { slopes } => alibi = Some(slopes.as_slice()),
         }
-        session.cache.store(li, k, v);
-        let (keys, values) = session.cache.layer(li);
+        session.cache.store(li, k, v)?;
         let attn = grow(&mut b.attn, t * qd);
         let shape = AttentionShape {
             heads: cfg.num_heads,
@@ -461,10 +502,31 @@ impl Model {
             scale,
             sliding_window: cfg.sliding_window,
         };
-        if t >= GEMM_ATTENTION_MIN_ROWS {
-            attention_gemm(q, keys, values, &shape, alibi, attn)?;
-        } else {
-            attention(q, keys, values, &shape, alibi, attn);
+        match (session.cache.layer(li), &self.attention) {
+            (LayerKv::F32 { keys, values }, AttentionMode::F32) => {
+                if t >= GEMM_ATTENTION_MIN_ROWS {
+                    attention_gemm(q, keys, values, &shape, alibi, attn)?;
+                } else {
+                    attention(q, keys, values, &shape, alibi, attn);
+                }
+            }
+            (LayerKv::Int8(kv), AttentionMode::Int8(backend)) => attention_int8(
+                q,
+                kv,
+                &shape,
+                alibi,
+                attn,
+                backend.as_ref(),
+                &mut b.int8_attention,
+            )?,
+            (LayerKv::Int8(kv), AttentionMode::FakeQuantInt8) => {
+                attention_fake_quant(q, kv, &shape, alibi, attn)?
+            }
+            _ => {
+                return Err(ModelError::Invalid(
+                    "the session's KV cache does not match the model's attention mode".into(),
+                ))
+            }
         }
         let proj = grow(&mut b.proj, t * h);
         block.o_proj.forward(attn, t, proj)?;

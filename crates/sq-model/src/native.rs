@@ -31,6 +31,9 @@ pub struct NativeQuantConfig {
     /// Whether generation starts with BOS for this model's tokenizer.
     #[serde(default)]
     pub add_bos: bool,
+    /// INT8 attention products and KV cache (`--int8-attention`); absent in older checkpoints.
+    #[serde(default)]
+    pub int8_attention: bool,
     /// Everything else the writer recorded (alpha per group, calibration settings...).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -177,6 +180,9 @@ pub fn load_native(
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = HfTokenizer::from_file(&tok_path)?
         .with_special_ids(model.config.bos_token_id, model.config.eos_token_id)?;
+    if qc.int8_attention {
+        model.attention = crate::AttentionMode::Int8(backend);
+    }
     let add_bos = qc.add_bos;
     Ok((
         LoadedModel {

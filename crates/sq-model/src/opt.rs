@@ -179,5 +179,6 @@ pub fn build(
         final_norm,
         lm_head: NamedLinear::new("lm_head", FpLinear::new(lm_head, v, emb_dim, None)?),
         config: cfg,
+        attention: Default::default(),
     })
 }

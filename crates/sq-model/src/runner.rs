@@ -68,6 +68,12 @@ pub enum RunnerSession {
     Gpu(crate::gpu::GpuSession),
 }
 
+/// Why a model with INT8 attention does not run on a GPU.
+pub const INT8_ATTENTION_ON_GPU: &str =
+    "INT8 attention (--int8-attention: INT8 Q·Kᵀ, P·V and KV cache) \
+     runs on the CPU only; the GPU decoder keeps f32 attention. Run it with --device cpu, or drop \
+     --int8-attention (a checkpoint quantized with it records it: re-quantize without)";
+
 impl<'a> Runner<'a> {
     /// `model` on `device`: the CPU runs it in place; a GPU gets its weights uploaded once
     /// (full-precision Linears in FP16, W8A8 Linears in INT8). Errors name the device and
@@ -76,6 +82,10 @@ impl<'a> Runner<'a> {
     pub fn new(model: &'a Model, device: Device) -> Result<Self> {
         match device {
             Device::Cpu => Ok(Runner::Cpu(model)),
+            Device::Cuda(_) if model.attention.is_int8() => Err(ModelError::Device {
+                device: device.to_string(),
+                reason: INT8_ATTENTION_ON_GPU.into(),
+            }),
             Device::Cuda(ordinal) => Self::gpu(model, ordinal),
         }
     }

@@ -101,6 +101,15 @@ pub fn save_compressed_tensors(
     overwrite: bool,
 ) -> Result<()> {
     let recipe = info.recipe;
+    if info.int8_attention {
+        return Err(SmoothError::Unsupported(
+            "INT8 attention quantizes K and V with a dynamic scale per position and head, which \
+             compressed-tensors' kv_cache_scheme (static or per-token scales) cannot record, and \
+             its Q·Kᵀ/P·V quantization has no field at all: export without --int8-attention, or \
+             use --format native"
+                .into(),
+        ));
+    }
     if recipe.acts == ActPolicy::Tensor {
         return Err(dynamic_per_tensor_error());
     }

@@ -20,6 +20,8 @@ pub struct ExportInfo {
     pub record: serde_json::Map<String, serde_json::Value>,
     /// Whether generation should start with BOS.
     pub add_bos: bool,
+    /// The model runs INT8 attention (INT8 Q·Kᵀ, P·V and KV cache; `--int8-attention`).
+    pub int8_attention: bool,
     /// The tokenizer.json content.
     pub tokenizer_json: String,
     /// Files copied beside it (e.g. tokenizer_config.json of a Hugging Face input).
@@ -131,6 +133,7 @@ pub fn save_native(
     );
     qc.insert("acts".into(), info.recipe.acts.name().into());
     qc.insert("add_bos".into(), info.add_bos.into());
+    qc.insert("int8_attention".into(), info.int8_attention.into());
     qc.insert("quantized_linears".into(), count.into());
     for (k, v) in &info.record {
         qc.entry(k.clone()).or_insert(v.clone());

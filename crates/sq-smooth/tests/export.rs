@@ -28,15 +28,19 @@ fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
 #[test]
 fn native_checkpoints_reload_bit_identically() {
     let backend = sq_kernels::select_backend().unwrap();
+    // (fixture, recipe, smoothed, INT8 attention)
     let cases = [
-        ("llama-gqa", Recipe::CHANNEL_TOKEN, true),
-        ("opt-prenorm", Recipe::O3, true),
-        ("bloom", Recipe::O2, true),
-        ("llama-tied-bf16", Recipe::O1, true),
-        ("opt-postnorm", Recipe::O3, true),
-        ("opt-prenorm", Recipe::CHANNEL_TOKEN, false),
+        ("llama-gqa", Recipe::CHANNEL_TOKEN, true, false),
+        ("opt-prenorm", Recipe::O3, true, false),
+        ("bloom", Recipe::O2, true, false),
+        ("llama-tied-bf16", Recipe::O1, true, false),
+        ("opt-postnorm", Recipe::O3, true, false),
+        ("opt-prenorm", Recipe::CHANNEL_TOKEN, false, false),
+        ("llama-gqa", Recipe::CHANNEL_TOKEN, true, true),
+        ("opt-prenorm", Recipe::O3, true, true),
+        ("bloom", Recipe::O2, false, true),
     ];
-    for (name, recipe, smooth) in cases {
+    for (name, recipe, smooth, int8_attention) in cases {
         let mut fp = load_hf_dir(&fixture(name)).unwrap();
         let mut ids = fp
             .tokenizer
@@ -66,6 +70,7 @@ fn native_checkpoints_reload_bit_identically() {
             recipe,
             record: serde_json::Map::from_iter([("alpha".to_string(), serde_json::json!(0.6))]),
             add_bos: false,
+            int8_attention,
             tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
             extra_files: vec![],
         };
@@ -88,6 +93,8 @@ fn native_checkpoints_reload_bit_identically() {
             .expect("recognised as a quantized checkpoint");
         assert_eq!(qc.scheme, info.scheme);
         assert_eq!(qc.acts, recipe.acts.name());
+        assert_eq!(qc.int8_attention, int8_attention, "{name}");
+        assert_eq!(reloaded.model.attention.is_int8(), int8_attention, "{name}");
         assert!(reloaded.model.layers[0]
             .linears()
             .iter()
@@ -105,6 +112,9 @@ fn native_checkpoints_reload_bit_identically() {
                 .count()
         };
         quantize_model(&mut fp.model, &recipe, Some(&stats), backend.clone()).unwrap();
+        if int8_attention {
+            fp.model.attention = sq_model::AttentionMode::Int8(backend.clone());
+        }
         let expected = if smooth && name.starts_with("bloom") {
             fp.model.layers.len()
         } else {
@@ -144,6 +154,7 @@ fn corrupted_quantized_checkpoints_are_named_errors() {
         recipe: Recipe::O3,
         record: Default::default(),
         add_bos: false,
+        int8_attention: false,
         tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
         extra_files: vec![],
     };

@@ -102,6 +102,15 @@ pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
             row.insert("decode_tokens_per_s".into(), decode.into());
             row.insert("peak_rss_bytes".into(), peak_rss_bytes().into());
             row.insert("model_bytes".into(), model.weight_bytes().into());
+            row.insert(
+                "int8_attention".into(),
+                loaded.model.attention.is_int8().into(),
+            );
+            // The session's cache: prompt plus generated tokens.
+            row.insert(
+                "kv_cache_bytes".into(),
+                loaded.model.kv_cache_bytes(len + a.gen_tokens).into(),
+            );
             if let Some(used) = model.device_memory_used() {
                 // The stream-ordered allocator keeps what the run needed: about its peak.
                 row.insert("gpu_memory_bytes".into(), used.into());
@@ -125,18 +134,31 @@ pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
         a.gen_tokens
     );
     println!(
-        "{:<12} {:>10} {:>14} {:>14} {:>12} {:>12}",
-        "scheme", "prompt", "prefill tok/s", "decode tok/s", "peak RSS MB", "model MB"
+        "{:<12} {:<5} {:>10} {:>14} {:>14} {:>12} {:>12} {:>10}",
+        "scheme",
+        "attn",
+        "prompt",
+        "prefill tok/s",
+        "decode tok/s",
+        "peak RSS MB",
+        "model MB",
+        "KV MB"
     );
     for r in report["results"].as_array().into_iter().flatten() {
         println!(
-            "{:<12} {:>10} {:>14.1} {:>14.1} {:>12.1} {:>12.1}",
+            "{:<12} {:<5} {:>10} {:>14.1} {:>14.1} {:>12.1} {:>12.1} {:>10.1}",
             r["scheme"].as_str().unwrap_or(""),
+            if r["int8_attention"].as_bool() == Some(true) {
+                "int8"
+            } else {
+                "f32"
+            },
             r["prompt_len"].as_u64().unwrap_or(0),
             r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
             r["model_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            r["kv_cache_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         );
     }
     Ok(())

@@ -90,12 +90,6 @@ pub fn schemes_for(
 
 /// Parse `--scheme`, defaulting to `default`.
 pub fn parse_schemes(quant: &QuantArgs, default: &[Scheme]) -> Result<Vec<Scheme>> {
-    if quant.int8_attention {
-        bail!(
-            "--int8-attention (INT8 attention BMMs and KV cache) is not implemented in this build: \
-             the attention runs in f32 while every Linear runs on the INT8 GEMM. Drop the option"
-        );
-    }
     let Some(list) = &quant.scheme else {
         return Ok(default.to_vec());
     };
@@ -123,8 +117,16 @@ pub fn parse_schemes(quant: &QuantArgs, default: &[Scheme]) -> Result<Vec<Scheme
     Ok(out)
 }
 
-/// The contract's rule: a quantized scheme on an FP model needs calibration input.
+/// The contract's rule: a quantized scheme on an FP model needs calibration input. And
+/// `--int8-attention` applies to the W8A8 schemes: with fp32 alone it would change nothing.
 pub fn require_runnable(schemes: &[Scheme], model: &ModelArgs, quant: &QuantArgs) -> Result<()> {
+    if quant.int8_attention && schemes.iter().all(|s| *s == Scheme::Fp32) {
+        bail!(
+            "--int8-attention quantizes the attention of the W8A8 schemes (naive, smoothquant); \
+             --scheme fp32 alone keeps f32 attention: add --scheme naive or smoothquant, or drop \
+             --int8-attention"
+        );
+    }
     if quantized_scheme(model)?.is_some() {
         return Ok(());
     }

@@ -48,6 +48,10 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
         let mut row =
             super::pipeline::scheme_fields_for(*scheme, &a.quant, loaded.quantization.as_ref())?;
         row.insert("perplexity".into(), p.perplexity.into());
+        row.insert(
+            "int8_attention".into(),
+            loaded.model.attention.is_int8().into(),
+        );
         row.insert("model_bytes".into(), runner.weight_bytes().into());
         if *scheme == Scheme::SmoothQuant && loaded.quantization.is_none() {
             row.insert("smoothed_groups".into(), built.smoothing.len().into());
@@ -109,6 +113,18 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
             cell("acts"),
             alpha,
             r["perplexity"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    let int8_attention: Vec<&str> = results
+        .iter()
+        .filter(|r| r["int8_attention"].as_bool() == Some(true))
+        .filter_map(|r| r["scheme"].as_str())
+        .collect();
+    if !int8_attention.is_empty() {
+        println!();
+        println!(
+            "INT8 attention (Q·Kᵀ, P·V and KV cache in INT8): {}",
+            int8_attention.join(", ")
         );
     }
     Ok(())

@@ -67,6 +67,7 @@ pub fn run(a: GenerateArgs, device: sq_model::Device) -> Result<()> {
             "prompt_tokens": out.prompt_tokens,
             "prefill_tokens_per_s": out.prompt_tokens as f64 / out.prefill_seconds.max(1e-9),
             "scheme": schemes[0].name(),
+            "int8_attention": loaded.model.attention.is_int8(),
         }))?;
     } else {
         println!();

@@ -18,6 +18,23 @@ use crate::args::Command;
 use anyhow::{bail, Result};
 use sq_model::Device;
 
+/// `--int8-attention` runs on the CPU only: refused with a GPU before anything else is checked.
+pub fn check_int8_attention_device(command: &Command, device: Device) -> Result<()> {
+    let quant = match command {
+        Command::Eval(a) => &a.quant,
+        Command::Generate(a) => &a.quant,
+        Command::Bench(a) => &a.quant,
+        _ => return Ok(()),
+    };
+    if quant.int8_attention && device != Device::Cpu {
+        bail!(
+            "--device {device}: {}",
+            sq_model::runner::INT8_ATTENTION_ON_GPU
+        );
+    }
+    Ok(())
+}
+
 pub fn run(command: Command, device: Device) -> Result<()> {
     let cpu_only = |name: &str| -> Result<()> {
         if device != Device::Cpu {

@@ -292,7 +292,11 @@ pub fn build(
     let mut loaded = load_model(model, show)?;
     let mut smoothing = Vec::new();
     if loaded.quantization.is_some() {
-        // A checkpoint written by `quantize` already runs INT8 (schemes_for checked the scheme).
+        // A checkpoint written by `quantize` already runs INT8 (schemes_for checked the scheme);
+        // its attention is INT8 when it records so, or when asked now (the scales are dynamic).
+        if q.int8_attention {
+            loaded.model.attention = sq_model::AttentionMode::Int8(sq_kernels::select_backend()?);
+        }
         return Ok(Built { loaded, smoothing });
     }
     if scheme == Scheme::Fp32 {
@@ -316,11 +320,20 @@ pub fn build(
     let _span =
         tracing::info_span!("quantize", scheme = scheme.name(), backend = backend.name()).entered();
     let pb = bar(0, &format!("quantize {}", scheme.name()), show);
-    quantize_model_with_progress(&mut loaded.model, &recipe, Some(&stats), backend, |d, n| {
-        pb.set_length(n as u64);
-        pb.set_position(d as u64);
-    })?;
+    quantize_model_with_progress(
+        &mut loaded.model,
+        &recipe,
+        Some(&stats),
+        backend.clone(),
+        |d, n| {
+            pb.set_length(n as u64);
+            pb.set_position(d as u64);
+        },
+    )?;
     pb.finish_and_clear();
+    if q.int8_attention {
+        loaded.model.attention = sq_model::AttentionMode::Int8(backend);
+    }
     Ok(Built { loaded, smoothing })
 }
 

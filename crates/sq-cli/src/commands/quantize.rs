@@ -7,6 +7,14 @@ use sq_smooth::{
 };
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
+    if a.format == ExportFormat::CompressedTensors && a.quant.int8_attention {
+        bail!(
+            "--format compressed-tensors cannot record --int8-attention: its kv_cache_scheme holds \
+             static or per-token scales, not the dynamic per-position, per-head scales of the INT8 \
+             KV cache, and it has no field for INT8 Q·Kᵀ and P·V; use --format native (which \
+             records it), or drop --int8-attention"
+        );
+    }
     if a.format == ExportFormat::CompressedTensors && recipe(&a.quant).acts == ActPolicy::Tensor {
         bail!(
             "--format compressed-tensors stores activations dynamic per token or static per tensor; \
@@ -114,6 +122,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         recipe,
         record,
         add_bos: loaded.add_bos,
+        int8_attention: a.quant.int8_attention,
         tokenizer_json,
         extra_files,
     };
@@ -158,14 +167,20 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             "smooth_targets": alpha_spec.as_ref().map(|_| targets.name()),
             "folds": folds,
             "checkpoint_bytes": bytes,
+            "int8_attention": a.quant.int8_attention,
         }));
     }
     println!(
-        "wrote {} ({} W8A8 in the {format_name} layout, weights per {}, acts {}, {:.1} MB)",
+        "wrote {} ({} W8A8 in the {format_name} layout, weights per {}, acts {}{}, {:.1} MB)",
         a.out.display(),
         scheme.name(),
         serde_json::to_value(recipe.weights)?.as_str().unwrap_or(""),
         recipe.acts.name(),
+        if a.quant.int8_attention {
+            ", INT8 attention"
+        } else {
+            ""
+        },
         bytes as f64 / 1e6
     );
     Ok(())

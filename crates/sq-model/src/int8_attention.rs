@@ -1,0 +1,515 @@
+//! INT8 attention (`--int8-attention`): an INT8 KV cache and both attention products
+//! (`Q·Kᵀ` and `P·V`) on the sq-kernels INT8 batched GEMM ([`Int8Gemm::bmm`]).
+//!
+//! Quantization (symmetric, dynamic, `absmax / 127`, sq-kernels' one rounding rule):
+//! - K and V: one scale per (position, KV head), fixed when the position is written, so the
+//!   cache never re-quantizes and a position's codes do not depend on what follows.
+//! - Q: one scale per (token, head).
+//! - Scores: `acc · Δq[i] · Δk[j] · scale` (+ ALiBi), a per-row × per-column epilogue.
+//! - `P·V`: V's scale lies along the reduction axis, so it is folded into the probabilities:
+//!   `P'[i, j] = P[i, j] · Δv[j]`, quantized per row (`P' >= 0`, codes in `[0, 127]`), and
+//!   `out[i] = acc · Δp'[i]`.
+//!
+//! [`attention_fake_quant`] computes the same quantization grid in f32 arithmetic (quantize,
+//! dequantize, float products); it exists only as the test oracle of [`attention_int8`].
+
+use crate::layers::AttentionShape;
+use crate::Result;
+use rayon::prelude::*;
+use sq_kernels::{quantize_per_token, BatchedI8, BmmOutput, Int8Gemm};
+use std::sync::Arc;
+
+/// How a model computes attention and stores its KV cache.
+#[derive(Clone, Debug, Default)]
+pub enum AttentionMode {
+    /// f32 products and an f32 KV cache.
+    #[default]
+    F32,
+    /// INT8 KV cache and both products on this backend's INT8 batched GEMM.
+    Int8(Arc<dyn Int8Gemm>),
+    /// The INT8 cache with the products quantized and dequantized in f32: the test oracle of
+    /// [`AttentionMode::Int8`], not a mode to run models with.
+    #[doc(hidden)]
+    FakeQuantInt8,
+}
+
+impl AttentionMode {
+    /// Whether the KV cache holds INT8.
+    pub fn is_int8(&self) -> bool {
+        !matches!(self, AttentionMode::F32)
+    }
+}
+
+/// The INT8 keys and values of every layer: codes `[position, kv_head, head_dim]` and one f32
+/// scale per `[position, kv_head]`, preallocated for the session's capacity.
+#[derive(Debug)]
+pub(crate) struct Int8KvStore {
+    keys: Vec<Vec<i8>>,
+    values: Vec<Vec<i8>>,
+    key_scales: Vec<Vec<f32>>,
+    value_scales: Vec<Vec<f32>>,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// One layer's INT8 cache as the attention reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct Int8KvLayer<'a> {
+    /// `[capacity, kv_heads * head_dim]` codes.
+    pub keys: &'a [i8],
+    pub values: &'a [i8],
+    /// `[capacity, kv_heads]` scales.
+    pub key_scales: &'a [f32],
+    pub value_scales: &'a [f32],
+}
+
+impl Int8KvStore {
+    pub(crate) fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+        let codes = || {
+            (0..layers)
+                .map(|_| vec![0i8; kv_heads * head_dim * capacity])
+                .collect()
+        };
+        let scales = || {
+            (0..layers)
+                .map(|_| vec![0f32; kv_heads * capacity])
+                .collect()
+        };
+        Int8KvStore {
+            keys: codes(),
+            values: codes(),
+            key_scales: scales(),
+            value_scales: scales(),
+            kv_heads,
+            head_dim,
+        }
+    }
+
+    /// Quantize `k` and `v` (`[tokens, kv_heads * head_dim]`) into positions `pos0..`.
+    pub(crate) fn store(&mut self, layer: usize, pos0: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let (kvh, hd) = (self.kv_heads, self.head_dim);
+        let rows = k.len() / hd;
+        let (c0, s0) = (pos0 * kvh * hd, pos0 * kvh);
+        quantize_per_token(
+            k,
+            rows,
+            hd,
+            &mut self.keys[layer][c0..c0 + k.len()],
+            &mut self.key_scales[layer][s0..s0 + rows],
+        )?;
+        quantize_per_token(
+            v,
+            rows,
+            hd,
+            &mut self.values[layer][c0..c0 + v.len()],
+            &mut self.value_scales[layer][s0..s0 + rows],
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn layer(&self, layer: usize) -> Int8KvLayer<'_> {
+        Int8KvLayer {
+            keys: &self.keys[layer],
+            values: &self.values[layer],
+            key_scales: &self.key_scales[layer],
+            value_scales: &self.value_scales[layer],
+        }
+    }
+
+    /// Bytes held: one byte per code, four per scale.
+    pub(crate) fn bytes(&self) -> usize {
+        let codes: usize = self.keys.iter().chain(&self.values).map(Vec::len).sum();
+        let scales: usize = self
+            .key_scales
+            .iter()
+            .chain(&self.value_scales)
+            .map(Vec::len)
+            .sum();
+        codes + 4 * scales
+    }
+}
+
+/// Scratch of [`attention_int8`], grown once and reused (a session owns one, so decoding
+/// allocates nothing per token).
+#[derive(Debug, Default)]
+pub struct Int8AttentionScratch {
+    /// Q codes `[tokens, heads, head_dim]` as quantized, then head-major `[heads, tokens, head_dim]`.
+    q_token_major: Vec<i8>,
+    q_head_major: Vec<i8>,
+    /// Q scales `[tokens, heads]`.
+    q_scales: Vec<f32>,
+    /// `Q·Kᵀ` accumulators `[heads, tokens, keys]`.
+    scores_acc: Vec<i32>,
+    /// `P · Δv` rows `[heads, tokens, keys]`, then their codes and per-row scales.
+    probs: Vec<f32>,
+    probs_q: Vec<i8>,
+    probs_scales: Vec<f32>,
+    /// `P'·V` accumulators `[heads, tokens, head_dim]`.
+    out_acc: Vec<i32>,
+}
+
+fn grow<T: Clone + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buf.len() < len {
+        buf.resize(len, T::default());
+    }
+    &mut buf[..len]
+}
+
+/// The first key position row `pos` attends to.
+fn first_key(pos: usize, sliding_window: Option<usize>) -> usize {
+    sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w))
+}
+
+/// Softmax of `row`'s entries `valid` in place, every other entry set to 0, then each
+/// probability multiplied by `fold(j)` (the value scale of key column `j`).
+fn softmax_fold(row: &mut [f32], valid: std::ops::Range<usize>, fold: impl Fn(usize) -> f32) {
+    let max = row[valid.clone()]
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for s in &mut row[valid.clone()] {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    row[..valid.start].fill(0.0);
+    let end = valid.end;
+    for (j, s) in row.iter_mut().enumerate().take(end).skip(valid.start) {
+        *s = *s * inv * fold(j);
+    }
+    row[end..].fill(0.0);
+}
+
+/// Positions `k0..k0 + keys` of a cache layer's codes as `[kv_heads, keys, head_dim]`.
+fn cache_heads(
+    codes: &[i8],
+    k0: usize,
+    keys: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> BatchedI8<'_> {
+    let width = kv_heads * head_dim;
+    BatchedI8 {
+        data: &codes[k0 * width..],
+        batch: kv_heads,
+        rows: keys,
+        cols: head_dim,
+        batch_stride: head_dim,
+        row_stride: width,
+    }
+}
+
+/// Causal attention of `q` (`[rows, heads * head_dim]`, row `t` at position `pos0 + t`) over
+/// the INT8 cache (positions `0..pos0 + rows` already stored), writing `out` like `q`; ALiBi
+/// and sliding windows as [`crate::layers::attention`]. Both products run on `backend.bmm`,
+/// one call each for all heads.
+pub fn attention_int8(
+    q: &[f32],
+    kv: Int8KvLayer<'_>,
+    shape: &AttentionShape,
+    alibi: Option<&[f32]>,
+    out: &mut [f32],
+    backend: &dyn Int8Gemm,
+    scratch: &mut Int8AttentionScratch,
+) -> Result<()> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        pos0,
+        scale,
+        sliding_window,
+    } = *shape;
+    let q_width = heads * hd;
+    let group = heads / kv_heads;
+    let t = q.len() / q_width;
+    // Keys before the first row's window are masked for every row: skip them.
+    let k0 = first_key(pos0, sliding_window);
+    let nk = pos0 + t - k0;
+
+    // Q per (token, head), then head-major so that the `group` heads sharing a KV head are one
+    // `[group * t, head_dim]` matrix.
+    let q_tm = grow(&mut scratch.q_token_major, t * q_width);
+    let q_scales = grow(&mut scratch.q_scales, t * heads);
+    quantize_per_token(q, t * heads, hd, q_tm, q_scales)?;
+    let q_hm = grow(&mut scratch.q_head_major, t * q_width);
+    for (h, dst) in q_hm.chunks_exact_mut(t * hd).enumerate() {
+        for (i, d) in dst.chunks_exact_mut(hd).enumerate() {
+            d.copy_from_slice(&q_tm[i * q_width + h * hd..][..hd]);
+        }
+    }
+
+    // One KV head per batch entry: `[keys, head_dim]` rows strided by the cache's row width.
+    let cache = |codes| -> BatchedI8<'_> { cache_heads(codes, k0, nk, kv_heads, hd) };
+    let acc = grow(&mut scratch.scores_acc, heads * t * nk);
+    backend.bmm(
+        BatchedI8::contiguous(q_hm, kv_heads, group * t, hd),
+        cache(kv.keys),
+        true,
+        BmmOutput::i32(acc, group * t, nk),
+    )?;
+
+    // Scores, softmax, and V's scales folded into the probabilities; row (h, i).
+    let probs = grow(&mut scratch.probs, heads * t * nk);
+    let q_scales = &*q_scales;
+    probs
+        .par_chunks_mut(nk)
+        .zip(acc.par_chunks(nk))
+        .enumerate()
+        .with_min_len(4)
+        .for_each(|(r, (p, a))| {
+            let (h, i) = (r / t, r % t);
+            let g = h / group;
+            let pos = pos0 + i;
+            let dq = q_scales[i * heads + h];
+            for (j, (s, &acc)) in p.iter_mut().zip(a).enumerate() {
+                let kp = k0 + j;
+                let mut v = acc as f32 * (dq * kv.key_scales[kp * kv_heads + g]) * scale;
+                if let Some(slopes) = alibi {
+                    v += slopes[h] * kp as f32;
+                }
+                *s = v;
+            }
+            let valid = first_key(pos, sliding_window) - k0..pos + 1 - k0;
+            softmax_fold(p, valid, |j| kv.value_scales[(k0 + j) * kv_heads + g]);
+        });
+    let probs_q = grow(&mut scratch.probs_q, heads * t * nk);
+    let probs_scales = grow(&mut scratch.probs_scales, heads * t);
+    quantize_per_token(probs, heads * t, nk, probs_q, probs_scales)?;
+
+    let out_acc = grow(&mut scratch.out_acc, heads * t * hd);
+    backend.bmm(
+        BatchedI8::contiguous(probs_q, kv_heads, group * t, nk),
+        cache(kv.values),
+        false,
+        BmmOutput::i32(out_acc, group * t, hd),
+    )?;
+    let probs_scales = &*probs_scales;
+    out.par_chunks_mut(q_width)
+        .enumerate()
+        .for_each(|(i, o_row)| {
+            for (h, o) in o_row.chunks_exact_mut(hd).enumerate() {
+                let r = h * t + i;
+                let dp = probs_scales[r];
+                for (o, &a) in o.iter_mut().zip(&out_acc[r * hd..(r + 1) * hd]) {
+                    *o = a as f32 * dp;
+                }
+            }
+        });
+    Ok(())
+}
+
+/// The oracle of [`attention_int8`]: Q, K and V quantized and dequantized exactly as there,
+/// `P·Δv` quantized per row the same way, every product in f32 (allocates; tests only).
+#[doc(hidden)]
+pub fn attention_fake_quant(
+    q: &[f32],
+    kv: Int8KvLayer<'_>,
+    shape: &AttentionShape,
+    alibi: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        pos0,
+        scale,
+        sliding_window,
+    } = *shape;
+    let q_width = heads * hd;
+    let kv_width = kv_heads * hd;
+    let group = heads / kv_heads;
+    let t = q.len() / q_width;
+    let n = pos0 + t;
+    let mut q_codes = vec![0i8; q.len()];
+    let mut q_scales = vec![0f32; t * heads];
+    quantize_per_token(q, t * heads, hd, &mut q_codes, &mut q_scales)?;
+    let dequant = |codes: &[i8], scales: &[f32], rows: usize| -> Vec<f32> {
+        codes[..rows * hd]
+            .iter()
+            .enumerate()
+            .map(|(e, &c)| c as f32 * scales[e / hd])
+            .collect()
+    };
+    let q_dq = dequant(&q_codes, &q_scales, t * heads);
+    let k_dq = dequant(kv.keys, kv.key_scales, n * kv_heads);
+    let mut p = vec![0f32; n];
+    let mut p_codes = vec![0i8; n];
+    let mut p_scale = [0f32];
+    for i in 0..t {
+        let pos = pos0 + i;
+        for h in 0..heads {
+            let g = h / group;
+            let qh = &q_dq[i * q_width + h * hd..][..hd];
+            for (kp, s) in p.iter_mut().enumerate() {
+                let k = &k_dq[kp * kv_width + g * hd..][..hd];
+                let mut v = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                if let Some(slopes) = alibi {
+                    v += slopes[h] * kp as f32;
+                }
+                *s = v;
+            }
+            softmax_fold(&mut p, first_key(pos, sliding_window)..pos + 1, |j| {
+                kv.value_scales[j * kv_heads + g]
+            });
+            quantize_per_token(&p, 1, n, &mut p_codes, &mut p_scale)?;
+            let o = &mut out[i * q_width + h * hd..][..hd];
+            o.fill(0.0);
+            for (kp, &c) in p_codes.iter().enumerate() {
+                let pv = c as f32 * p_scale[0];
+                let v = &kv.values[kp * kv_width + g * hd..][..hd];
+                for (o, &x) in o.iter_mut().zip(v) {
+                    *o += pv * x as f32;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn val(i: usize) -> f32 {
+        ((i.wrapping_mul(2654435761)) % 1000) as f32 / 250.0 - 2.0
+    }
+
+    /// Fills positions `0..n` of a one-layer cache and returns it.
+    fn cache(kv_heads: usize, hd: usize, n: usize, chunks: &[usize]) -> Int8KvStore {
+        let mut store = Int8KvStore::new(1, kv_heads, hd, n + 4);
+        let kvw = kv_heads * hd;
+        let keys: Vec<f32> = (0..n * kvw).map(|i| val(i + 7)).collect();
+        let values: Vec<f32> = (0..n * kvw).map(|i| val(i + 13) * 3.0).collect();
+        let mut pos = 0;
+        for &c in chunks {
+            store
+                .store(
+                    0,
+                    pos,
+                    &keys[pos * kvw..(pos + c) * kvw],
+                    &values[pos * kvw..(pos + c) * kvw],
+                )
+                .unwrap();
+            pos += c;
+        }
+        assert_eq!(pos, n);
+        store
+    }
+
+    #[test]
+    fn int8_attention_matches_the_fake_quant_oracle() {
+        let backends: Vec<_> = sq_kernels::available_backends()
+            .into_iter()
+            .map(|name| sq_kernels::backend_by_name(name).unwrap())
+            .collect();
+        for (heads, kv_heads, hd) in [(6, 2, 8), (4, 4, 16), (3, 1, 12)] {
+            for (pos0, t, window, with_alibi) in [
+                (0, 20, None, false),
+                (5, 17, Some(7), false),
+                (3, 33, None, true),
+                (9, 1, None, false),
+                (30, 1, Some(4), true),
+            ] {
+                let n = pos0 + t;
+                let store = cache(kv_heads, hd, n, &[n]);
+                let q: Vec<f32> = (0..t * heads * hd).map(|i| val(i) * 1.7).collect();
+                let slopes = crate::config::alibi_slopes(heads);
+                let alibi = with_alibi.then_some(slopes.as_slice());
+                let shape = AttentionShape {
+                    heads,
+                    kv_heads,
+                    head_dim: hd,
+                    pos0,
+                    scale: 0.35,
+                    sliding_window: window,
+                };
+                let mut want = vec![0.0; q.len()];
+                attention_fake_quant(&q, store.layer(0), &shape, alibi, &mut want).unwrap();
+                let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for backend in &backends {
+                    let mut got = vec![0.0; q.len()];
+                    let mut scratch = Int8AttentionScratch::default();
+                    attention_int8(
+                        &q,
+                        store.layer(0),
+                        &shape,
+                        alibi,
+                        &mut got,
+                        backend.as_ref(),
+                        &mut scratch,
+                    )
+                    .unwrap();
+                    for (x, y) in got.iter().zip(&want) {
+                        assert!(
+                            (x - y).abs() <= 1e-5 * peak.max(1.0),
+                            "{} heads {heads}/{kv_heads} pos0 {pos0} t {t} window {window:?}: {x} vs {y}",
+                            backend.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int8_attention_is_close_to_f32_attention() {
+        let (heads, kv_heads, hd, n) = (4, 2, 16, 24);
+        let store = cache(kv_heads, hd, n, &[n]);
+        let kvw = kv_heads * hd;
+        let keys: Vec<f32> = (0..n * kvw).map(|i| val(i + 7)).collect();
+        let values: Vec<f32> = (0..n * kvw).map(|i| val(i + 13) * 3.0).collect();
+        let q: Vec<f32> = (0..n * heads * hd).map(|i| val(i) * 0.5).collect();
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+            pos0: 0,
+            scale: 0.25,
+            sliding_window: None,
+        };
+        let mut want = vec![0.0; q.len()];
+        crate::layers::attention(&q, &keys, &values, &shape, None, &mut want);
+        let mut got = vec![0.0; q.len()];
+        let backend = sq_kernels::select_backend().unwrap();
+        attention_int8(
+            &q,
+            store.layer(0),
+            &shape,
+            None,
+            &mut got,
+            backend.as_ref(),
+            &mut Int8AttentionScratch::default(),
+        )
+        .unwrap();
+        // INT8 error, not a wrong computation: well under the values' range of +-6.
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst < 0.1, "max |int8 - f32| = {worst}");
+        assert!(
+            worst > 0.0,
+            "INT8 attention returned the f32 result exactly"
+        );
+    }
+
+    #[test]
+    fn cache_codes_do_not_depend_on_how_positions_arrive() {
+        let whole = cache(2, 8, 12, &[12]);
+        let pieces = cache(2, 8, 12, &[5, 1, 1, 5]);
+        let (a, b) = (whole.layer(0), pieces.layer(0));
+        assert_eq!(a.keys, b.keys);
+        assert_eq!(a.values, b.values);
+        assert_eq!(a.key_scales, b.key_scales);
+        assert_eq!(a.value_scales, b.value_scales);
+    }
+
+    #[test]
+    fn cache_bytes_are_codes_plus_scales() {
+        let store = Int8KvStore::new(3, 2, 8, 10);
+        assert_eq!(store.bytes(), 3 * 2 * (10 * 16 + 4 * 10 * 2));
+    }
+}
