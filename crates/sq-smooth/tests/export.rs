@@ -68,6 +68,7 @@ fn native_checkpoints_reload_bit_identically() {
             add_bos: false,
             tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
             extra_files: vec![],
+            max_shard_bytes: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("w8a8");
@@ -146,6 +147,7 @@ fn corrupted_quantized_checkpoints_are_named_errors() {
         add_bos: false,
         tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
         extra_files: vec![],
+        max_shard_bytes: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("q");
