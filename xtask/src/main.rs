@@ -37,7 +37,7 @@ commands:
                                          or S seconds each); see docs/reliability.md
   kernels [--arch compute_XY] [--ptx DIR]
                                          compile the CUDA kernels with NVRTC or nvcc
-  scale [--gb N] [--windows N] [--seq-len N] [--keep]
+  scale [--gb N] [--windows N] [--seq-len N] [--keep] [--bin PATH]
                                          quantize a synthetic LLaMA-shaped bf16 checkpoint of about
                                          N GB (default 16; cached under the target dir) layer by
                                          layer; report peak RSS, throughput and the time split";

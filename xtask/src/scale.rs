@@ -26,6 +26,8 @@ struct Options {
     windows: usize,
     seq_len: usize,
     keep: bool,
+    /// A smoothquant binary to use instead of building the release one.
+    bin: Option<PathBuf>,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
@@ -34,6 +36,7 @@ fn parse(args: &[String]) -> Result<Options> {
         windows: 8,
         seq_len: 128,
         keep: false,
+        bin: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -47,7 +50,8 @@ fn parse(args: &[String]) -> Result<Options> {
             "--windows" => o.windows = value("--windows")?.parse().context("--windows N")?,
             "--seq-len" => o.seq_len = value("--seq-len")?.parse().context("--seq-len N")?,
             "--keep" => o.keep = true,
-            other => bail!("unknown option `{other}` for `cargo xtask scale` (--gb N, --windows N, --seq-len N, --keep)"),
+            "--bin" => o.bin = Some(PathBuf::from(value("--bin")?)),
+            other => bail!("unknown option `{other}` for `cargo xtask scale` (--gb N, --windows N, --seq-len N, --keep, --bin PATH)"),
         }
     }
     if o.gb.is_nan() || o.gb < 1.0 || o.windows == 0 || o.seq_len == 0 {
@@ -169,7 +173,7 @@ fn tensors(layers: usize) -> Vec<(String, Synthetic)> {
         seed += 1;
         Synthetic::Random(RandomBf16 {
             shape: shape.to_vec(),
-            seed: seed * 0x1234_5678_9ABC_DEF1,
+            seed: seed.wrapping_mul(0x1234_5678_9ABC_DEF1),
             scale: (3.0 / fan_in as f32).sqrt(),
         })
     };
@@ -300,14 +304,19 @@ pub fn scale(root: &Path, args: &[String]) -> Result<()> {
         std::fs::rename(&tmp, &ckpt)?;
         eprintln!("scale: generated in {:.0} s", start.elapsed().as_secs_f64());
     }
-    let status = Command::new("cargo")
-        .args(["build", "--release", "-p", "sq-cli"])
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("cargo build --release -p sq-cli failed");
-    }
-    let bin = target.join("release/smoothquant");
+    let bin = match &o.bin {
+        Some(b) => b.clone(),
+        None => {
+            let status = Command::new("cargo")
+                .args(["build", "--release", "-p", "sq-cli"])
+                .status()
+                .context("running cargo build")?;
+            if !status.success() {
+                bail!("cargo build --release -p sq-cli failed");
+            }
+            target.join("release/smoothquant")
+        }
+    };
     let out = base.join("quantized");
     let calib = root.join("crates/sq-cli/assets/demo/calib.txt");
     let windows = o.windows.to_string();
