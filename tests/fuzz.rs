@@ -770,6 +770,7 @@ fn targets(work: &Path) -> Vec<Target> {
         int8_attention: false,
         tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
         extra_files: vec![],
+        max_shard_bytes: None,
     };
     save_native(
         &fp.model,

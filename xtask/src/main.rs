@@ -11,9 +11,12 @@
 //! - `cargo xtask bench ... --device cuda[:N]` runs the GPU GEMM suite (`sq_kernels::cuda::bench`).
 //! - `cargo xtask kernels [--arch compute_XY] [--ptx DIR]`: compile the CUDA kernel sources
 //!   (NVRTC or nvcc) and report errors with file and line.
+//! - `cargo xtask scale [--gb N]`: streaming quantization of a synthetic N GB LLaMA-shaped
+//!   checkpoint: peak RSS, throughput, time split (`xtask/src/scale.rs`).
 
 mod cuda;
 mod gemm_bench;
+mod scale;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -33,7 +36,11 @@ commands:
                                          mutation-fuzz every parser (N cases each, default 10000;
                                          or S seconds each); see docs/reliability.md
   kernels [--arch compute_XY] [--ptx DIR]
-                                         compile the CUDA kernels with NVRTC or nvcc";
+                                         compile the CUDA kernels with NVRTC or nvcc
+  scale [--gb N] [--windows N] [--seq-len N] [--keep] [--bin PATH]
+                                         quantize a synthetic LLaMA-shaped bf16 checkpoint of about
+                                         N GB (default 16; cached under the target dir) layer by
+                                         layer; report peak RSS, throughput and the time split";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -49,6 +56,7 @@ fn main() -> Result<()> {
         Some("bench") => bench(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("kernels") => cuda::kernels(&root, &args[1..]),
+        Some("scale") => scale::scale(&root, &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())

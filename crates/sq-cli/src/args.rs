@@ -238,6 +238,10 @@ pub struct CalibrateArgs {
     /// Output statistics file (.safetensors)
     #[arg(long, value_name = "FILE.safetensors")]
     pub out: PathBuf,
+    /// Run the model one decoder layer at a time in bounded memory (the default when its f32
+    /// weights would take more than half the available memory); same statistics
+    #[arg(long)]
+    pub stream: bool,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,
@@ -255,6 +259,19 @@ pub struct QuantizeArgs {
     /// Checkpoint layout
     #[arg(long, value_enum, default_value_t = ExportFormat::Native)]
     pub format: ExportFormat,
+    /// Calibrate, smooth, quantize and write one decoder layer at a time in bounded memory (the
+    /// default when the model's f32 weights would take more than half the available memory);
+    /// same output, byte for byte; native layout only
+    #[arg(long)]
+    pub stream: bool,
+    /// Calibrate each layer on the outputs of the earlier layers as quantized, not of the FP
+    /// model (implies --stream; needs --calib-data)
+    #[arg(long)]
+    pub sequential: bool,
+    /// Largest weights file of the native layout: bigger checkpoints are written as shards
+    /// (model-00001-of-0000N.safetensors) with model.safetensors.index.json
+    #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = byte_size)]
+    pub shard_size: u64,
     /// Replace a non-empty output directory
     #[arg(long)]
     pub force: bool,
@@ -339,6 +356,37 @@ pub struct BenchArgs {
 }
 
 /// A count that must be at least 1.
+/// A size in bytes: `5GB`, `500MB`, `2GiB`, or a plain number of bytes.
+fn byte_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` (use B, KB, MB, GB, KiB, MiB or GiB, e.g. 5GB)"
+            ))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 5GB or 500MB)"))?;
+    let bytes = (n * mult).round();
+    if !(1.0..1e19).contains(&bytes) {
+        return Err(format!("`{s}` must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
+}
+
 fn positive(s: &str) -> Result<usize, String> {
     let n: usize = s
         .parse()

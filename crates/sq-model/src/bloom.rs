@@ -84,33 +84,50 @@ fn layer_norm(p: &Prefixed<'_>, leaf: &str, dim: usize, eps: f32) -> Result<Norm
 }
 
 pub fn build(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model> {
-    let root = Prefixed::new(source, "");
-    // transformers writes `transformer.*`; the bigscience hub checkpoints have no prefix.
-    let t = if root.contains("transformer.word_embeddings.weight")? {
+    let mut model = build_shell(cfg, source)?;
+    model.layers = (0..model.config.num_layers)
+        .map(|i| block(&model.config, source, i))
+        .collect::<Result<_>>()?;
+    Ok(model)
+}
+
+/// transformers writes `transformer.*`; the bigscience hub checkpoints have no prefix.
+fn transformer<'a>(root: &Prefixed<'a>) -> Result<Prefixed<'a>> {
+    Ok(if root.contains("transformer.word_embeddings.weight")? {
         root.pp("transformer")
     } else {
         root.pp("")
-    };
+    })
+}
+
+/// Decoder layer `i`.
+pub fn block(cfg: &ModelConfig, source: &dyn WeightSource, i: usize) -> Result<Block> {
+    let t = transformer(&Prefixed::new(source, ""))?;
+    let h = cfg.hidden_size;
+    let eps = cfg.norm_eps;
+    let l = t.pp("h").pp(i);
+    let a = l.pp("self_attention");
+    let mlp = l.pp("mlp");
+    Ok(Block {
+        attn_norm: layer_norm(&l, "input_layernorm", h, eps)?,
+        qkv: QkvProj::BloomFused(a.linear("query_key_value", 3 * h, h)?),
+        o_proj: a.linear("dense", h, h)?,
+        mlp_norm: layer_norm(&l, "post_attention_layernorm", h, eps)?,
+        mlp: Mlp::Plain {
+            fc1: mlp.linear("dense_h_to_4h", 4 * h, h)?,
+            fc2: mlp.linear("dense_4h_to_h", h, 4 * h)?,
+        },
+    })
+}
+
+/// The model without its decoder layers (embeddings and their norm, final norm, LM head).
+pub fn build_shell(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model> {
+    let root = Prefixed::new(source, "");
+    let t = transformer(&root)?;
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let eps = cfg.norm_eps;
     let embed_weight = t.get("word_embeddings.weight", &[v, h])?;
     let embed_norm = layer_norm(&t, "word_embeddings_layernorm", h, eps)?;
-    let mut layers = Vec::with_capacity(cfg.num_layers);
-    for i in 0..cfg.num_layers {
-        let l = t.pp("h").pp(i);
-        let a = l.pp("self_attention");
-        let mlp = l.pp("mlp");
-        layers.push(Block {
-            attn_norm: layer_norm(&l, "input_layernorm", h, eps)?,
-            qkv: QkvProj::BloomFused(a.linear("query_key_value", 3 * h, h)?),
-            o_proj: a.linear("dense", h, h)?,
-            mlp_norm: layer_norm(&l, "post_attention_layernorm", h, eps)?,
-            mlp: Mlp::Plain {
-                fc1: mlp.linear("dense_h_to_4h", 4 * h, h)?,
-                fc2: mlp.linear("dense_4h_to_h", h, 4 * h)?,
-            },
-        });
-    }
     let final_norm = layer_norm(&t, "ln_f", h, eps)?;
     let lm_head = match root.get_opt("lm_head.weight", &[v, h])? {
         Some(w) => w,
@@ -126,7 +143,7 @@ pub fn build(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model> {
         embed_norm: Some(embed_norm),
         project_in: None,
         project_out: None,
-        layers,
+        layers: Vec::new(),
         final_norm: Some(final_norm),
         lm_head: NamedLinear::new("lm_head", FpLinear::new(lm_head, v, h, None)?),
         config: cfg,

@@ -141,33 +141,45 @@ fn rms_norm(p: &Prefixed<'_>, leaf: &str, dim: usize, eps: f32) -> Result<Norm> 
 
 /// Build a LLaMA-family model from Hugging Face-named weights.
 pub fn build(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model> {
+    let mut model = build_shell(cfg, source)?;
+    model.layers = (0..model.config.num_layers)
+        .map(|i| block(&model.config, source, i))
+        .collect::<Result<_>>()?;
+    Ok(model)
+}
+
+/// Decoder layer `i`.
+pub fn block(cfg: &ModelConfig, source: &dyn WeightSource, i: usize) -> Result<Block> {
+    let m = Prefixed::new(source, "model");
+    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    let l = m.pp("layers").pp(i);
+    let a = l.pp("self_attn");
+    let mlp = l.pp("mlp");
+    Ok(Block {
+        attn_norm: rms_norm(&l, "input_layernorm", h, cfg.norm_eps)?,
+        qkv: QkvProj::Separate {
+            q: a.linear("q_proj", qd, h)?,
+            k: a.linear("k_proj", kvd, h)?,
+            v: a.linear("v_proj", kvd, h)?,
+        },
+        o_proj: a.linear("o_proj", h, qd)?,
+        mlp_norm: rms_norm(&l, "post_attention_layernorm", h, cfg.norm_eps)?,
+        mlp: Mlp::Gated {
+            gate: mlp.linear("gate_proj", inter, h)?,
+            up: mlp.linear("up_proj", inter, h)?,
+            down: mlp.linear("down_proj", h, inter)?,
+        },
+    })
+}
+
+/// The model without its decoder layers (embeddings, final norm, LM head).
+pub fn build_shell(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model> {
     let root = Prefixed::new(source, "");
     let m = root.pp("model");
-    let (h, v, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let embed_name = m.pp("embed_tokens").name("weight");
     let embed_weight = m.get("embed_tokens.weight", &[v, h])?;
-    let mut layers = Vec::with_capacity(cfg.num_layers);
-    for i in 0..cfg.num_layers {
-        let l = m.pp("layers").pp(i);
-        let a = l.pp("self_attn");
-        let mlp = l.pp("mlp");
-        layers.push(Block {
-            attn_norm: rms_norm(&l, "input_layernorm", h, cfg.norm_eps)?,
-            qkv: QkvProj::Separate {
-                q: a.linear("q_proj", qd, h)?,
-                k: a.linear("k_proj", kvd, h)?,
-                v: a.linear("v_proj", kvd, h)?,
-            },
-            o_proj: a.linear("o_proj", h, qd)?,
-            mlp_norm: rms_norm(&l, "post_attention_layernorm", h, cfg.norm_eps)?,
-            mlp: Mlp::Gated {
-                gate: mlp.linear("gate_proj", inter, h)?,
-                up: mlp.linear("up_proj", inter, h)?,
-                down: mlp.linear("down_proj", h, inter)?,
-            },
-        });
-    }
     let final_norm = rms_norm(&m, "norm", h, cfg.norm_eps)?;
     let lm_head = if cfg.tie_word_embeddings {
         embed_weight.clone()
@@ -184,7 +196,7 @@ pub fn build(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model> {
         embed_norm: None,
         project_in: None,
         project_out: None,
-        layers,
+        layers: Vec::new(),
         final_norm: Some(final_norm),
         lm_head: NamedLinear::new("lm_head", FpLinear::new(lm_head, v, h, None)?),
         config: cfg,

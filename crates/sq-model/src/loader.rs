@@ -85,6 +85,160 @@ pub fn build_model(
     }
 }
 
+/// The model without its decoder layers (embeddings, final norm, LM head), for layer-by-layer
+/// runs ([`LayeredModel`]).
+pub fn build_shell(
+    config: &serde_json::Value,
+    config_path: &Path,
+    weights: &dyn WeightSource,
+) -> Result<Model> {
+    match architecture_of(config, config_path)? {
+        Architecture::Llama => llama::build_shell(llama::config(config, config_path)?, weights),
+        Architecture::Opt => opt::build_shell(opt::config(config, config_path)?, config, weights),
+        Architecture::Bloom => bloom::build_shell(bloom::config(config, config_path)?, weights),
+    }
+}
+
+/// A model read one decoder layer at a time: the shell (embeddings, final norm, LM head) in
+/// memory, each layer built from its weights on demand and dropped by the caller. With a
+/// Hugging Face directory the weights stay memory-mapped and [`LayeredModel::release_pages`]
+/// drops the pages read so far, so peak memory is the shell plus one layer whatever the model
+/// size. GGUF and llama2.c files are read whole (they are small or already quantized).
+pub struct LayeredModel {
+    /// The model with no layers (`layers` is empty; `config.num_layers` says how many follow).
+    pub shell: Model,
+    pub tokenizer: Arc<dyn Tokenizer>,
+    pub source: PathBuf,
+    pub format: &'static str,
+    pub add_bos: bool,
+    pub hf_config: serde_json::Value,
+    /// Bytes of the weights as stored in the input (throughput reports).
+    pub stored_bytes: u64,
+    weights: Box<dyn WeightSource>,
+}
+
+impl std::fmt::Debug for LayeredModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayeredModel")
+            .field("source", &self.source)
+            .field("format", &self.format)
+            .field("layers", &self.shell.config.num_layers)
+            .finish()
+    }
+}
+
+impl LayeredModel {
+    /// Open `path` like [`load`] does (the embedded stories260K without a path), without
+    /// building its decoder layers. Quantized checkpoints are refused.
+    pub fn open(path: Option<&Path>, tokenizer: Option<&Path>) -> Result<LayeredModel> {
+        if let Some(dir) = path.filter(|p| p.is_dir()) {
+            if crate::native::is_native_dir(dir)
+                || crate::compressed::is_compressed_tensors_dir(dir)
+            {
+                return Err(ModelError::UnknownFormat {
+                    path: dir.to_path_buf(),
+                    reason: "this checkpoint is already quantized; a layer-by-layer run starts from an FP model".into(),
+                });
+            }
+            if dir.join("config.json").is_file() {
+                let config_path = dir.join("config.json");
+                let config = read_config_json(&config_path)?;
+                let ckpt = Checkpoint::open(dir)?;
+                let shell = build_shell(&config, &config_path, &ckpt)?;
+                let tok_path = dir.join("tokenizer.json");
+                if !tok_path.is_file() {
+                    return Err(ModelError::Tokenizer {
+                        path: tok_path,
+                        reason: "missing: a Hugging Face model directory needs its tokenizer.json"
+                            .into(),
+                    });
+                }
+                let tokenizer = HfTokenizer::from_file(&tok_path)?
+                    .with_special_ids(shell.config.bos_token_id, shell.config.eos_token_id)?;
+                ckpt.release_pages();
+                return Ok(LayeredModel {
+                    stored_bytes: ckpt.stored_bytes()?,
+                    shell,
+                    tokenizer: Arc::new(tokenizer),
+                    source: dir.to_path_buf(),
+                    format: "hf",
+                    add_bos: read_add_bos(dir),
+                    hf_config: config,
+                    weights: Box::new(ckpt),
+                });
+            }
+        }
+        // GGUF, llama2.c, the embedded model: the loader's own detection, weights kept whole.
+        let (raw, add_bos) = crate::loader::load_raw(path, tokenizer)?;
+        let weights = crate::weights::OwnedTensors {
+            tensors: raw.tensors,
+            source: raw.source.clone(),
+        };
+        let stored_bytes = weights
+            .tensors
+            .values()
+            .map(|t| (t.numel() * t.dtype().size_in_bytes()) as u64)
+            .sum();
+        let shell = build_shell(&raw.config, &raw.source, &weights)?;
+        Ok(LayeredModel {
+            shell,
+            tokenizer: raw.tokenizer,
+            source: raw.source,
+            format: raw.format,
+            add_bos,
+            hf_config: raw.config,
+            stored_bytes,
+            weights: Box::new(weights),
+        })
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.shell.config.num_layers
+    }
+
+    /// Build decoder layer `i` (full precision) from its weights.
+    pub fn block(&self, i: usize) -> Result<crate::model::Block> {
+        let cfg = &self.shell.config;
+        if i >= cfg.num_layers {
+            return Err(ModelError::Invalid(format!(
+                "layer {i} requested from a model of {} layers",
+                cfg.num_layers
+            )));
+        }
+        let _span = tracing::debug_span!("read_layer", index = i).entered();
+        match cfg.architecture {
+            Architecture::Llama => llama::block(cfg, self.weights.as_ref(), i),
+            Architecture::Opt => opt::block(cfg, self.weights.as_ref(), i),
+            Architecture::Bloom => bloom::block(cfg, self.weights.as_ref(), i),
+        }
+    }
+
+    /// Drop the mapped pages of the weights read so far (after each layer).
+    pub fn release_pages(&self) {
+        self.weights.release_pages();
+    }
+}
+
+/// Bytes the weights of the Hugging Face directory `dir` would take as f32, from the headers
+/// alone (`None` for other inputs): whether a model fits in memory.
+pub fn hf_f32_bytes(dir: &Path) -> Result<Option<u64>> {
+    if !dir.is_dir()
+        || !dir.join("config.json").is_file()
+        || crate::native::is_native_dir(dir)
+        || crate::compressed::is_compressed_tensors_dir(dir)
+    {
+        return Ok(None);
+    }
+    let ckpt = Checkpoint::open(dir)?;
+    let mut total = 0u64;
+    for name in ckpt.names() {
+        let info = ckpt.info(name)?;
+        total += 4 * info.shape.iter().product::<usize>() as u64;
+    }
+    Ok(Some(total))
+}
+
 /// Load a Hugging Face model directory (config.json, safetensors, tokenizer.json).
 pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     let config_path = dir.join("config.json");
@@ -144,9 +298,32 @@ pub fn from_raw(raw: RawModel, add_bos: bool) -> Result<LoadedModel> {
 /// (tokenizer from `tokenizer` or `tok512.bin`/`tokenizer.bin` beside it), or, with no path,
 /// the embedded stories260K model.
 pub fn load(path: Option<&Path>, tokenizer: Option<&Path>) -> Result<LoadedModel> {
+    if let Some(dir) = path.filter(|p| p.is_dir()) {
+        if crate::native::is_native_dir(dir) {
+            let backend = sq_kernels::select_backend()?;
+            let (mut loaded, qc) = crate::native::load_native(dir, backend)?;
+            loaded.quantization = Some(qc);
+            return Ok(loaded);
+        }
+        if crate::compressed::is_compressed_tensors_dir(dir) {
+            let backend = sq_kernels::select_backend()?;
+            let (mut loaded, qc) = crate::compressed::load_compressed_tensors(dir, backend)?;
+            loaded.quantization = Some(qc);
+            return Ok(loaded);
+        }
+        if dir.join("config.json").is_file() {
+            return load_hf_dir(dir);
+        }
+    }
+    let (raw, add_bos) = load_raw(path, tokenizer)?;
+    from_raw(raw, add_bos)
+}
+
+/// A GGUF file, a llama2.c checkpoint or (no path) the embedded stories260K, read whole, with
+/// whether generation starts with BOS.
+pub(crate) fn load_raw(path: Option<&Path>, tokenizer: Option<&Path>) -> Result<(RawModel, bool)> {
     let Some(path) = path else {
-        let raw = crate::llama2c::embedded_stories260k()?;
-        return from_raw(raw, true);
+        return Ok((crate::llama2c::embedded_stories260k()?, true));
     };
     if !path.exists() {
         return Err(ModelError::io(
@@ -156,21 +333,6 @@ pub fn load(path: Option<&Path>, tokenizer: Option<&Path>) -> Result<LoadedModel
         ));
     }
     if path.is_dir() {
-        if crate::native::is_native_dir(path) {
-            let backend = sq_kernels::select_backend()?;
-            let (mut loaded, qc) = crate::native::load_native(path, backend)?;
-            loaded.quantization = Some(qc);
-            return Ok(loaded);
-        }
-        if crate::compressed::is_compressed_tensors_dir(path) {
-            let backend = sq_kernels::select_backend()?;
-            let (mut loaded, qc) = crate::compressed::load_compressed_tensors(path, backend)?;
-            loaded.quantization = Some(qc);
-            return Ok(loaded);
-        }
-        if path.join("config.json").is_file() {
-            return load_hf_dir(path);
-        }
         return Err(ModelError::UnknownFormat {
             path: path.to_path_buf(),
             reason: "a model directory needs a config.json (Hugging Face layout)".into(),
@@ -190,8 +352,7 @@ pub fn load(path: Option<&Path>, tokenizer: Option<&Path>) -> Result<LoadedModel
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.as_bool())
             .unwrap_or(file.get("tokenizer.ggml.model").and_then(|v| v.as_str()) == Some("llama"));
-        let raw = crate::gguf::load_gguf_file(&file)?;
-        return from_raw(raw, add_bos);
+        return Ok((crate::gguf::load_gguf_file(&file)?, add_bos));
     }
     if path.extension().is_some_and(|e| e == "bin") {
         let tok = match tokenizer {
@@ -209,8 +370,7 @@ pub fn load(path: Option<&Path>, tokenizer: Option<&Path>) -> Result<LoadedModel
                     })?
             }
         };
-        let raw = crate::llama2c::load_llama2c(path, &tok)?;
-        return from_raw(raw, true);
+        return Ok((crate::llama2c::load_llama2c(path, &tok)?, true));
     }
     Err(ModelError::UnknownFormat {
         path: path.to_path_buf(),

@@ -371,33 +371,7 @@ impl Model {
         }
         let pos0 = session.cache.len();
         let h = cfg.hidden_size;
-        let b = &mut session.bufs;
-
-        // Embeddings.
-        let emb_dim = self.embed.dim;
-        let emb = grow(&mut b.emb, t * emb_dim);
-        for (row, &id) in emb.chunks_exact_mut(emb_dim).zip(tokens) {
-            row.copy_from_slice(&self.embed.weight[id as usize * emb_dim..][..emb_dim]);
-        }
-        let hidden = grow(&mut b.hidden, t * h);
-        match &self.project_in {
-            Some(p) => p.forward(emb, t, hidden)?,
-            None => hidden.copy_from_slice(emb),
-        }
-        if let (Some(pe), PositionEncoding::Learned { offset }) = (&self.pos_embed, &cfg.positions)
-        {
-            for (i, row) in hidden.chunks_exact_mut(h).enumerate() {
-                let p = &pe.weight[(pos0 + i + offset) * h..][..h];
-                for (x, y) in row.iter_mut().zip(p) {
-                    *x += y;
-                }
-            }
-        }
-        if let Some(n) = &self.embed_norm {
-            let normed = grow(&mut b.normed, t * h);
-            n.forward(hidden, normed);
-            hidden.copy_from_slice(normed);
-        }
+        self.embed(tokens, pos0, &mut session.bufs)?;
 
         for (li, block) in self.layers.iter().enumerate() {
             let _span = tracing::trace_span!("layer", index = li).entered();
@@ -426,6 +400,141 @@ impl Model {
         };
         logits.resize(rows * cfg.vocab_size, 0.0);
         self.lm_head.forward(head_in, rows, logits)?;
+        Ok(())
+    }
+
+    /// The hidden states entering the first layer (embeddings, input projection, learned
+    /// positions, embedding norm) for `tokens` at positions `pos0..`, into `b.hidden`.
+    fn embed(&self, tokens: &[u32], pos0: usize, b: &mut Buffers) -> Result<()> {
+        let cfg = &self.config;
+        let t = tokens.len();
+        let h = cfg.hidden_size;
+        let emb_dim = self.embed.dim;
+        let emb = grow(&mut b.emb, t * emb_dim);
+        for (row, &id) in emb.chunks_exact_mut(emb_dim).zip(tokens) {
+            row.copy_from_slice(&self.embed.weight[id as usize * emb_dim..][..emb_dim]);
+        }
+        let hidden = grow(&mut b.hidden, t * h);
+        match &self.project_in {
+            Some(p) => p.forward(emb, t, hidden)?,
+            None => hidden.copy_from_slice(emb),
+        }
+        if let (Some(pe), PositionEncoding::Learned { offset }) = (&self.pos_embed, &cfg.positions)
+        {
+            for (i, row) in hidden.chunks_exact_mut(h).enumerate() {
+                let p = &pe.weight[(pos0 + i + offset) * h..][..h];
+                for (x, y) in row.iter_mut().zip(p) {
+                    *x += y;
+                }
+            }
+        }
+        if let Some(n) = &self.embed_norm {
+            let normed = grow(&mut b.normed, t * h);
+            n.forward(hidden, normed);
+            hidden.copy_from_slice(normed);
+        }
+        Ok(())
+    }
+
+    /// A session for [`Model::block_forward`]: one layer's KV cache of `capacity` positions.
+    pub fn layer_session(&self, capacity: usize) -> Session {
+        let capacity = capacity.min(self.config.max_position_embeddings).max(1);
+        Session {
+            cache: KvCache::new(1, self.config.kv_dim(), capacity),
+            bufs: Buffers::default(),
+        }
+    }
+
+    /// The hidden states [`Model::forward`] feeds its first layer for the sequence `tokens`
+    /// (positions from 0), as `[tokens, hidden]` in `out`.
+    pub fn embed_sequence(
+        &self,
+        tokens: &[u32],
+        session: &mut Session,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        if tokens.is_empty() || tokens.len() > cfg.max_position_embeddings {
+            return Err(ModelError::Invalid(format!(
+                "a sequence of {} tokens does not fit the model's context of {} positions",
+                tokens.len(),
+                cfg.max_position_embeddings
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                cfg.vocab_size
+            )));
+        }
+        self.embed(tokens, 0, &mut session.bufs)?;
+        let n = tokens.len() * cfg.hidden_size;
+        out.clear();
+        out.extend_from_slice(&session.bufs.hidden[..n]);
+        Ok(())
+    }
+
+    /// Run `block` alone, in place, over the hidden states `hidden` (`[tokens, hidden]` of one
+    /// sequence at positions from 0): exactly what [`Model::forward`] computes for that layer in
+    /// a fresh session, so a model can be run (calibrated, quantized) one layer at a time.
+    /// `session` comes from [`Model::layer_session`].
+    pub fn block_forward(
+        &self,
+        block: &Block,
+        hidden: &mut [f32],
+        session: &mut Session,
+    ) -> Result<()> {
+        let h = self.config.hidden_size;
+        if hidden.is_empty() || !hidden.len().is_multiple_of(h) {
+            return Err(ModelError::Invalid(format!(
+                "block_forward: {} values are not rows of {h} hidden channels",
+                hidden.len()
+            )));
+        }
+        let t = hidden.len() / h;
+        session.cache.clear();
+        session.cache.check_room(t)?;
+        grow(&mut session.bufs.hidden, t * h).copy_from_slice(hidden);
+        self.attention_block(0, block, t, 0, session)?;
+        self.mlp_block(block, t, &mut session.bufs)?;
+        hidden.copy_from_slice(&session.bufs.hidden[..t * h]);
+        session.cache.clear();
+        Ok(())
+    }
+
+    /// What [`Model::forward`] feeds the LM head for the last layer's hidden states `hidden`
+    /// (`[tokens, hidden]`): the final norm, then OPT's `project_out`, into `out`. Run for the
+    /// observers of `project_out` in a layer-by-layer calibration.
+    pub fn head_input(
+        &self,
+        hidden: &[f32],
+        session: &mut Session,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let h = self.config.hidden_size;
+        if hidden.is_empty() || !hidden.len().is_multiple_of(h) {
+            return Err(ModelError::Invalid(format!(
+                "head_input: {} values are not rows of {h} hidden channels",
+                hidden.len()
+            )));
+        }
+        let rows = hidden.len() / h;
+        let b = &mut session.bufs;
+        let normed = grow(&mut b.normed, rows * h);
+        match &self.final_norm {
+            Some(n) => n.forward(hidden, normed),
+            None => normed.copy_from_slice(hidden),
+        }
+        match &self.project_out {
+            Some(p) => {
+                out.resize(rows * p.linear.out_features(), 0.0);
+                p.forward(normed, rows, out)?;
+            }
+            None => {
+                out.clear();
+                out.extend_from_slice(normed);
+            }
+        }
         Ok(())
     }
 

@@ -112,15 +112,54 @@ pub fn build(
     raw: &serde_json::Value,
     source: &dyn WeightSource,
 ) -> Result<Model> {
-    let c: OptHfConfig = parse_config(raw, source.path())?;
-    let root = Prefixed::new(source, "");
-    // Hub checkpoints use `model.decoder.*`; older exports drop the `model.` prefix.
-    let d = if root.contains("model.decoder.embed_tokens.weight")? {
+    let mut model = build_shell(cfg, raw, source)?;
+    model.layers = (0..model.config.num_layers)
+        .map(|i| block(&model.config, source, i))
+        .collect::<Result<_>>()?;
+    Ok(model)
+}
+
+/// Hub checkpoints use `model.decoder.*`; older exports drop the `model.` prefix.
+fn decoder<'a>(root: &Prefixed<'a>) -> Result<Prefixed<'a>> {
+    Ok(if root.contains("model.decoder.embed_tokens.weight")? {
         root.pp("model").pp("decoder")
     } else {
         root.pp("decoder")
-    };
-    let (h, v, ffn) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+    })
+}
+
+/// Decoder layer `i`.
+pub fn block(cfg: &ModelConfig, source: &dyn WeightSource, i: usize) -> Result<Block> {
+    let d = decoder(&Prefixed::new(source, ""))?;
+    let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
+    let l = d.pp("layers").pp(i);
+    let a = l.pp("self_attn");
+    Ok(Block {
+        attn_norm: layer_norm(&l, "self_attn_layer_norm", h)?,
+        qkv: QkvProj::Separate {
+            q: a.linear("q_proj", h, h)?,
+            k: a.linear("k_proj", h, h)?,
+            v: a.linear("v_proj", h, h)?,
+        },
+        o_proj: a.linear("out_proj", h, h)?,
+        mlp_norm: layer_norm(&l, "final_layer_norm", h)?,
+        mlp: Mlp::Plain {
+            fc1: l.linear("fc1", ffn, h)?,
+            fc2: l.linear("fc2", h, ffn)?,
+        },
+    })
+}
+
+/// The model without its decoder layers (embeddings, projections, final norm, LM head).
+pub fn build_shell(
+    cfg: ModelConfig,
+    raw: &serde_json::Value,
+    source: &dyn WeightSource,
+) -> Result<Model> {
+    let c: OptHfConfig = parse_config(raw, source.path())?;
+    let root = Prefixed::new(source, "");
+    let d = decoder(&root)?;
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let emb_dim = cfg.word_embed_proj_dim.unwrap_or(h);
     let embed_weight = d.get("embed_tokens.weight", &[v, emb_dim])?;
     let n_pos = cfg.max_position_embeddings + POSITION_OFFSET;
@@ -132,25 +171,6 @@ pub fn build(
         ),
         None => (None, None),
     };
-    let mut layers = Vec::with_capacity(cfg.num_layers);
-    for i in 0..cfg.num_layers {
-        let l = d.pp("layers").pp(i);
-        let a = l.pp("self_attn");
-        layers.push(Block {
-            attn_norm: layer_norm(&l, "self_attn_layer_norm", h)?,
-            qkv: QkvProj::Separate {
-                q: a.linear("q_proj", h, h)?,
-                k: a.linear("k_proj", h, h)?,
-                v: a.linear("v_proj", h, h)?,
-            },
-            o_proj: a.linear("out_proj", h, h)?,
-            mlp_norm: layer_norm(&l, "final_layer_norm", h)?,
-            mlp: Mlp::Plain {
-                fc1: l.linear("fc1", ffn, h)?,
-                fc2: l.linear("fc2", h, ffn)?,
-            },
-        });
-    }
     let final_norm = if has_final_norm(&c) {
         Some(layer_norm(&d, "final_layer_norm", h)?)
     } else {
@@ -175,7 +195,7 @@ pub fn build(
         embed_norm: None,
         project_in,
         project_out,
-        layers,
+        layers: Vec::new(),
         final_norm,
         lm_head: NamedLinear::new("lm_head", FpLinear::new(lm_head, v, emb_dim, None)?),
         config: cfg,

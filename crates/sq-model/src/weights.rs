@@ -13,6 +13,9 @@ pub trait WeightSource {
     fn tensor(&self, name: &str) -> Result<Option<Tensor>>;
     /// The file or directory the weights come from.
     fn path(&self) -> &Path;
+    /// Drop mapped pages read so far from the process (layer-by-layer runs); a no-op for
+    /// weights held in memory.
+    fn release_pages(&self) {}
 }
 
 impl WeightSource for Checkpoint {
@@ -24,6 +27,24 @@ impl WeightSource for Checkpoint {
     }
     fn path(&self) -> &Path {
         Checkpoint::path(self)
+    }
+    fn release_pages(&self) {
+        Checkpoint::release_pages(self)
+    }
+}
+
+/// Owned in-memory tensors (a GGUF or llama2.c load kept for a layer-by-layer run).
+pub struct OwnedTensors {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub source: std::path::PathBuf,
+}
+
+impl WeightSource for OwnedTensors {
+    fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
+        Ok(self.tensors.get(name).cloned())
+    }
+    fn path(&self) -> &Path {
+        &self.source
     }
 }
 

@@ -4,9 +4,9 @@
 use crate::{Recipe, Result, SmoothError};
 use sq_calib::StatsTable;
 use sq_model::quant::quantize_weight;
-use sq_model::{Linear, Model, WeightGranularity};
+use sq_model::{Block, Linear, Model, WeightGranularity};
 use sq_tensor::atomic::AtomicDir;
-use sq_tensor::{save_safetensors, Tensor};
+use sq_tensor::{save_safetensors_sharded, Tensor, TensorSpill};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -26,6 +26,9 @@ pub struct ExportInfo {
     pub tokenizer_json: String,
     /// Files copied beside it (e.g. tokenizer_config.json of a Hugging Face input).
     pub extra_files: Vec<std::path::PathBuf>,
+    /// Largest weights file (native layout): larger checkpoints are written as Hugging Face
+    /// shards with an index. `None`: one `model.safetensors`.
+    pub max_shard_bytes: Option<u64>,
 }
 
 fn tensor(data: &[f32], shape: &[usize]) -> Result<Tensor> {
@@ -35,6 +38,28 @@ fn tensor(data: &[f32], shape: &[usize]) -> Result<Tensor> {
 /// The tensors every export writes in f32: embeddings, norms, and the Linears that stay full
 /// precision (OPT's `project_in`/`project_out`, the LM head unless tied to the embeddings).
 pub(crate) fn float_tensors(model: &Model) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors = outer_float_tensors(model)?;
+    for block in &model.layers {
+        tensors.extend(norm_tensors(&[&block.attn_norm, &block.mlp_norm])?);
+    }
+    Ok(tensors)
+}
+
+fn norm_tensors(norms: &[&sq_model::layers::Norm]) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors = Vec::new();
+    for norm in norms {
+        let n = norm.weight.len();
+        tensors.push((format!("{}.weight", norm.name), tensor(&norm.weight, &[n])?));
+        if let Some(b) = &norm.bias {
+            tensors.push((format!("{}.bias", norm.name), tensor(b, &[n])?));
+        }
+    }
+    Ok(tensors)
+}
+
+/// The f32 tensors outside the decoder layers: embeddings, the embedding and final norms, the
+/// full-precision Linears.
+fn outer_float_tensors(model: &Model) -> Result<Vec<(String, Tensor)>> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let e = &model.embed;
     tensors.push((
@@ -47,13 +72,12 @@ pub(crate) fn float_tensors(model: &Model) -> Result<Vec<(String, Tensor)>> {
             tensor(&p.weight, &[p.weight.len() / p.dim, p.dim])?,
         ));
     }
-    for norm in model.norms() {
-        let n = norm.weight.len();
-        tensors.push((format!("{}.weight", norm.name), tensor(&norm.weight, &[n])?));
-        if let Some(b) = &norm.bias {
-            tensors.push((format!("{}.bias", norm.name), tensor(b, &[n])?));
-        }
-    }
+    let outer_norms: Vec<&sq_model::layers::Norm> = model
+        .embed_norm
+        .iter()
+        .chain(model.final_norm.iter())
+        .collect();
+    tensors.extend(norm_tensors(&outer_norms)?);
     let fp_linears = model.project_in.iter().chain(model.project_out.iter());
     let lm_head = (!model.config.tie_word_embeddings).then_some(&model.lm_head);
     for l in fp_linears.chain(lm_head) {
@@ -71,6 +95,49 @@ pub(crate) fn float_tensors(model: &Model) -> Result<Vec<(String, Tensor)>> {
     Ok(tensors)
 }
 
+/// One decoder layer in the native layout: its norms (f32) and every Linear quantized with
+/// `recipe` (INT8 weight, its scales, bias, run-time smoothing divide, static input scale).
+/// `stats` must describe the layer as it is (static scales read them).
+pub fn native_layer_tensors(
+    block: &Block,
+    recipe: &Recipe,
+    stats: Option<&StatsTable>,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors = norm_tensors(&[&block.attn_norm, &block.mlp_norm])?;
+    for l in block.linears() {
+        let fp = l.as_fp().ok_or_else(|| {
+            SmoothError::Config(format!(
+                "`{}` is already quantized; export starts from the FP model",
+                l.name
+            ))
+        })?;
+        let (n, k) = (fp.out_features(), fp.in_features());
+        let (w_q, scales) = quantize_weight(fp, recipe.weights)?;
+        tensors.push((
+            format!("{}.weight", l.name),
+            Tensor::from_vec(w_q, &[n, k])?,
+        ));
+        let scale = match scales {
+            sq_kernels::WeightScales::PerChannel(s) => Tensor::from_vec(s, &[n])?,
+            sq_kernels::WeightScales::PerTensor(s) => Tensor::from_vec(vec![s], &[1])?,
+        };
+        tensors.push((format!("{}.weight_scale", l.name), scale));
+        if let Some(b) = fp.bias() {
+            tensors.push((format!("{}.bias", l.name), tensor(b, &[n])?));
+        }
+        if let Some(f) = fp.input_smoothing() {
+            tensors.push((format!("{}.input_smoothing", l.name), tensor(f, &[k])?));
+        }
+        if let sq_model::ActQuant::Static { scale } = recipe.act_quant(&l.name, stats)? {
+            tensors.push((
+                format!("{}.input_scale", l.name),
+                Tensor::from_vec(vec![scale], &[1])?,
+            ));
+        }
+    }
+    Ok(tensors)
+}
+
 /// Quantize `model` (FP; already smoothed for SmoothQuant) with `info.recipe` and write the
 /// checkpoint to `out` atomically. `stats` must describe the model as it is (static scales read
 /// them). A non-empty `out` is replaced only with `overwrite`.
@@ -82,42 +149,40 @@ pub fn save_native(
     out: &Path,
     overwrite: bool,
 ) -> Result<()> {
-    let mut tensors = float_tensors(model)?;
+    let mut tensors = outer_float_tensors(model)?;
     let mut count = 0;
     for block in &model.layers {
-        for l in block.linears() {
-            let fp = l.as_fp().ok_or_else(|| {
-                SmoothError::Config(format!(
-                    "`{}` is already quantized; export starts from the FP model",
-                    l.name
-                ))
-            })?;
-            let (n, k) = (fp.out_features(), fp.in_features());
-            let (w_q, scales) = quantize_weight(fp, info.recipe.weights)?;
-            tensors.push((
-                format!("{}.weight", l.name),
-                Tensor::from_vec(w_q, &[n, k])?,
-            ));
-            let scale = match scales {
-                sq_kernels::WeightScales::PerChannel(s) => Tensor::from_vec(s, &[n])?,
-                sq_kernels::WeightScales::PerTensor(s) => Tensor::from_vec(vec![s], &[1])?,
-            };
-            tensors.push((format!("{}.weight_scale", l.name), scale));
-            if let Some(b) = fp.bias() {
-                tensors.push((format!("{}.bias", l.name), tensor(b, &[n])?));
-            }
-            if let Some(f) = fp.input_smoothing() {
-                tensors.push((format!("{}.input_smoothing", l.name), tensor(f, &[k])?));
-            }
-            if let sq_model::ActQuant::Static { scale } = info.recipe.act_quant(&l.name, stats)? {
-                tensors.push((
-                    format!("{}.input_scale", l.name),
-                    Tensor::from_vec(vec![scale], &[1])?,
-                ));
-            }
-            count += 1;
-        }
+        tensors.extend(native_layer_tensors(block, &info.recipe, stats)?);
+        count += block.linears().len();
     }
+    let dir = AtomicDir::create(out, overwrite)?;
+    save_safetensors_sharded(
+        dir.path(),
+        &tensors,
+        Some(&file_metadata()),
+        info.max_shard_bytes.unwrap_or(u64::MAX),
+    )?;
+    finish_native_dir(dir, hf_config, info, count)
+}
+
+fn file_metadata() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (
+            "producer".to_string(),
+            format!("smoothquant-rs {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ])
+}
+
+/// Write config.json (with the `quantization_config`), the tokenizer and the extra files beside
+/// the weights, then move the directory into place.
+fn finish_native_dir(
+    dir: AtomicDir,
+    hf_config: &serde_json::Value,
+    info: &ExportInfo,
+    count: usize,
+) -> Result<()> {
     let mut qc = serde_json::Map::new();
     qc.insert("quant_method".into(), sq_model::native::QUANT_METHOD.into());
     qc.insert("format".into(), "native".into());
@@ -145,15 +210,6 @@ pub fn save_native(
     obj.insert("quantization_config".into(), serde_json::Value::Object(qc));
     obj.insert("torch_dtype".into(), "float32".into());
 
-    let dir = AtomicDir::create(out, overwrite)?;
-    let meta = BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        (
-            "producer".to_string(),
-            format!("smoothquant-rs {}", env!("CARGO_PKG_VERSION")),
-        ),
-    ]);
-    save_safetensors(dir.path().join("model.safetensors"), &tensors, Some(&meta))?;
     let io = |p: &Path, e: std::io::Error| SmoothError::Config(format!("{}: {e}", p.display()));
     let cfg_path = dir.path().join("config.json");
     let text =
@@ -168,4 +224,67 @@ pub fn save_native(
     }
     dir.commit()?;
     Ok(())
+}
+
+/// The native checkpoint written one decoder layer at a time: [`NativeStreamWriter::write`]
+/// takes each layer's tensors ([`native_layer_tensors`]) as soon as they exist, and
+/// [`NativeStreamWriter::finish`] adds the tensors outside the layers, lays the file out and
+/// moves the directory into place. The result is byte for byte what [`save_native`] writes for
+/// the same model held in memory.
+pub struct NativeStreamWriter {
+    dir: AtomicDir,
+    spill: TensorSpill,
+    quantized_linears: usize,
+}
+
+impl NativeStreamWriter {
+    /// Start writing `out` (atomically: nothing appears there before `finish`).
+    pub fn create(out: &Path, overwrite: bool) -> Result<Self> {
+        let dir = AtomicDir::create(out, overwrite)?;
+        let spill = TensorSpill::create(dir.path().join(".layers.spill"))?;
+        Ok(NativeStreamWriter {
+            dir,
+            spill,
+            quantized_linears: 0,
+        })
+    }
+
+    /// Append one layer's tensors (from [`native_layer_tensors`]), holding
+    /// `quantized_linears` quantized Linears.
+    pub fn write(&mut self, tensors: &[(String, Tensor)], quantized_linears: usize) -> Result<()> {
+        for (name, t) in tensors {
+            self.spill.push(name, t)?;
+        }
+        self.quantized_linears += quantized_linears;
+        Ok(())
+    }
+
+    /// Bytes of tensor data written so far.
+    pub fn bytes(&self) -> u64 {
+        self.spill.bytes()
+    }
+
+    /// Add the tensors of `shell` outside the decoder layers, write the weights file, config and
+    /// tokenizer, and move the directory into place.
+    pub fn finish(
+        mut self,
+        shell: &Model,
+        hf_config: &serde_json::Value,
+        info: &ExportInfo,
+    ) -> Result<()> {
+        for (name, t) in outer_float_tensors(shell)? {
+            self.spill.push(&name, &t)?;
+        }
+        let NativeStreamWriter {
+            dir,
+            spill,
+            quantized_linears,
+        } = self;
+        spill.finish(
+            dir.path(),
+            Some(&file_metadata()),
+            info.max_shard_bytes.unwrap_or(u64::MAX),
+        )?;
+        finish_native_dir(dir, hf_config, info, quantized_linears)
+    }
 }

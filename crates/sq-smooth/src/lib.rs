@@ -68,12 +68,13 @@ mod fold;
 mod groups;
 mod quantize;
 mod search;
+mod stream;
 
 pub use compressed_tensors::{
     ct_quantization_config, save_compressed_tensors, CT_FORMAT, CT_QUANT_METHOD, CT_RECORD_KEY,
     CT_VERSION,
 };
-pub use export::{save_native, ExportInfo};
+pub use export::{native_layer_tensors, save_native, ExportInfo, NativeStreamWriter};
 pub use fold::{group_scales, smooth_model, AlphaSpec, GroupResult};
 pub use groups::{
     beyond_specs, paper_groups, paper_specs, smoothing_groups, Fold, GroupSpec, RowLayout,
@@ -87,6 +88,7 @@ pub use search::{
     default_grid, group_kind, refine_alphas, search_alphas, AlphaCandidate, AlphaChoice,
     AlphaRefinement,
 };
+pub use stream::{run_layers, LayerOutcome, LayerPlan, LayerTimings};
 
 /// Smallest smoothing scale and smallest weight range, as in the official code.
 pub const MIN_SCALE: f32 = 1e-5;

@@ -73,6 +73,7 @@ fn native_checkpoints_reload_bit_identically() {
             int8_attention,
             tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
             extra_files: vec![],
+            max_shard_bytes: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("w8a8");
@@ -157,6 +158,7 @@ fn corrupted_quantized_checkpoints_are_named_errors() {
         int8_attention: false,
         tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
         extra_files: vec![],
+        max_shard_bytes: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("q");

@@ -131,6 +131,21 @@ impl SafetensorsFile {
         TensorView::from_bytes(bytes, info.dtype, &info.shape)
     }
 
+    /// Drop this file's mapped pages from the process (they are read again from the file if
+    /// touched later), so that a layer-by-layer pass over a large checkpoint does not keep every
+    /// page it has read resident: pages of a file map count toward RSS.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if !self.mmap.is_empty() {
+            // SAFETY: the map is a read-only private map of a file: dropping its pages loses no
+            // data, later reads fault them in again from the file.
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+            };
+        }
+    }
+
     /// Every tensor, by name (zero-copy).
     pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         self.names()
@@ -383,6 +398,166 @@ impl Checkpoint {
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         self.file_of(name)?.tensor(name)
     }
+
+    /// Drop every mapped page of every shard from the process (see
+    /// [`SafetensorsFile::release_pages`]).
+    pub fn release_pages(&self) {
+        for f in &self.files {
+            f.release_pages();
+        }
+    }
+
+    /// Bytes of every tensor's data as stored.
+    pub fn stored_bytes(&self) -> Result<u64> {
+        let mut total = 0u64;
+        for name in self.by_name.keys() {
+            let info = self.info(name)?;
+            total += (checked_numel(&info.shape).unwrap_or(0) * info.dtype.size_in_bytes()) as u64;
+        }
+        Ok(total)
+    }
+}
+
+/// Tensors written one at a time to a scratch file as they are produced (a model quantized layer
+/// by layer), then laid out as one safetensors file by [`TensorSpill::finish`]: the result is
+/// byte for byte what [`save_safetensors`] writes for the same tensors held in memory, since the
+/// layout depends only on names, dtypes and shapes.
+pub struct TensorSpill {
+    path: PathBuf,
+    file: File,
+    entries: Vec<(String, SpilledTensor)>,
+    len: u64,
+}
+
+/// A tensor's place in a [`TensorSpill`].
+#[derive(Clone, Debug)]
+struct SpilledTensor {
+    dtype: DType,
+    shape: Vec<usize>,
+    offset: u64,
+    len: u64,
+}
+
+impl TensorSpill {
+    /// Create the scratch file `path` (the caller removes it, usually inside a temporary
+    /// directory).
+    pub fn create(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| TensorError::io(&path, "creating", e))?;
+        Ok(TensorSpill {
+            path,
+            file,
+            entries: Vec::new(),
+            len: 0,
+        })
+    }
+
+    /// Append one tensor's data. Names must be unique.
+    pub fn push<S: TensorSource>(&mut self, name: &str, tensor: &S) -> Result<()> {
+        if self.entries.iter().any(|(n, _)| n == name) {
+            return Err(TensorError::Write {
+                path: self.path.clone(),
+                name: name.to_string(),
+                reason: "a tensor of that name was already written".into(),
+            });
+        }
+        let mut writer = std::io::BufWriter::with_capacity(1 << 20, &self.file);
+        let mut counter = CountingWriter {
+            inner: &mut writer,
+            count: 0,
+        };
+        tensor.write_data(&mut counter)?;
+        let written = counter.count;
+        writer
+            .flush()
+            .map_err(|e| TensorError::io(&self.path, "writing", e))?;
+        self.entries.push((
+            name.to_string(),
+            SpilledTensor {
+                dtype: tensor.dtype(),
+                shape: tensor.shape().to_vec(),
+                offset: self.len,
+                len: written,
+            },
+        ));
+        self.len += written;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.len
+    }
+
+    /// Names written so far, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Write every tensor into `dir` with [`save_safetensors_sharded`], then delete the scratch
+    /// file. Returns the files written.
+    pub fn finish(
+        self,
+        dir: impl AsRef<Path>,
+        metadata: Option<&BTreeMap<String, String>>,
+        max_shard_bytes: u64,
+    ) -> Result<Vec<PathBuf>> {
+        let sources: Vec<(String, SpillSource<'_>)> = self
+            .entries
+            .iter()
+            .map(|(name, t)| {
+                (
+                    name.clone(),
+                    SpillSource {
+                        spill: &self,
+                        tensor: t,
+                    },
+                )
+            })
+            .collect();
+        let written = save_safetensors_sharded(dir, &sources, metadata, max_shard_bytes)?;
+        drop(sources);
+        let TensorSpill { path, file, .. } = self;
+        drop(file);
+        std::fs::remove_file(&path).map_err(|e| TensorError::io(&path, "removing", e))?;
+        Ok(written)
+    }
+}
+
+struct SpillSource<'a> {
+    spill: &'a TensorSpill,
+    tensor: &'a SpilledTensor,
+}
+
+impl TensorSource for SpillSource<'_> {
+    fn dtype(&self) -> DType {
+        self.tensor.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.tensor.shape
+    }
+    fn write_data(&self, out: &mut dyn Write) -> Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = &self.spill.file;
+        let mut buf = vec![0u8; (1 << 22).min(self.tensor.len as usize)];
+        let mut done = 0u64;
+        while done < self.tensor.len {
+            let n = buf.len().min((self.tensor.len - done) as usize);
+            file.seek(SeekFrom::Start(self.tensor.offset + done))
+                .and_then(|_| file.read_exact(&mut buf[..n]))
+                .map_err(|e| TensorError::io(&self.spill.path, "reading back", e))?;
+            out.write_all(&buf[..n])
+                .map_err(|e| TensorError::io(&self.spill.path, "copying", e))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// Something that can be written as one safetensors tensor. Implemented for [`Tensor`] and
@@ -460,15 +635,7 @@ pub fn write_safetensors<S: TensorSource>(
     metadata: Option<&BTreeMap<String, String>>,
     path_for_errors: &Path,
 ) -> Result<()> {
-    let mut order: Vec<usize> = (0..tensors.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (na, ta) = &tensors[a];
-        let (nb, tb) = &tensors[b];
-        tb.dtype()
-            .size_in_bytes()
-            .cmp(&ta.dtype().size_in_bytes())
-            .then_with(|| na.cmp(nb))
-    });
+    let order = file_order(tensors);
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for &i in &order {
@@ -546,6 +713,85 @@ pub fn write_safetensors<S: TensorSource>(
         }
     }
     Ok(())
+}
+
+/// The order tensors take in a file: dtype size (largest first), then name.
+fn file_order<S: TensorSource>(tensors: &[(String, S)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (na, ta) = &tensors[a];
+        let (nb, tb) = &tensors[b];
+        tb.dtype()
+            .size_in_bytes()
+            .cmp(&ta.dtype().size_in_bytes())
+            .then_with(|| na.cmp(nb))
+    });
+    order
+}
+
+/// Save `tensors` into the directory `dir` as Hugging Face does: `model.safetensors` when they
+/// take at most `max_shard_bytes`, otherwise shards `model-00001-of-0000N.safetensors` of at
+/// most that size each (a larger tensor gets a shard of its own), cut in file order, and
+/// `model.safetensors.index.json` mapping each tensor to its shard. Each file is written
+/// atomically; write into a temporary directory for the set to appear at once. Returns the
+/// files written.
+pub fn save_safetensors_sharded<S: TensorSource>(
+    dir: impl AsRef<Path>,
+    tensors: &[(String, S)],
+    metadata: Option<&BTreeMap<String, String>>,
+    max_shard_bytes: u64,
+) -> Result<Vec<PathBuf>> {
+    let dir = dir.as_ref();
+    let bytes = |t: &S| (t.shape().iter().product::<usize>() * t.dtype().size_in_bytes()) as u64;
+    let total: u64 = tensors.iter().map(|(_, t)| bytes(t)).sum();
+    if total <= max_shard_bytes {
+        let path = dir.join("model.safetensors");
+        save_safetensors(&path, tensors, metadata)?;
+        return Ok(vec![path]);
+    }
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for i in file_order(tensors) {
+        let b = bytes(&tensors[i].1);
+        if size + b > max_shard_bytes && shards.last().is_some_and(|s| !s.is_empty()) {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += b;
+        shards.last_mut().expect("one shard at least").push(i);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut written = Vec::with_capacity(n + 1);
+    for (k, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
+        let part: Vec<(String, &S)> = shard
+            .iter()
+            .map(|&i| (tensors[i].0.clone(), &tensors[i].1))
+            .collect();
+        let path = dir.join(&file);
+        save_safetensors(&path, &part, metadata)?;
+        for (name, _) in &part {
+            weight_map.insert(name.clone(), file.clone().into());
+        }
+        written.push(path);
+    }
+    let index = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    let path = dir.join("model.safetensors.index.json");
+    let text = serde_json::to_string_pretty(&index).map_err(|e| TensorError::Write {
+        path: path.clone(),
+        name: "<index>".into(),
+        reason: e.to_string(),
+    })?;
+    crate::atomic::write_atomic(&path, |w| {
+        w.write_all(text.as_bytes())
+            .map_err(|e| TensorError::io(&path, "writing", e))
+    })?;
+    written.push(path);
+    Ok(written)
 }
 
 /// Save `tensors` to `path` atomically: a temporary file beside it, fsync, rename. On any

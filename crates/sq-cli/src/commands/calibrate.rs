@@ -1,18 +1,38 @@
 use super::common::{
-    check_out_file, load_model, model_label, print_json, read_text, require_calib_window,
-    show_progress, token_bar,
+    check_out_file, load_model, model_label, open_layered, peak_rss_bytes, print_json, read_text,
+    require_calib_window, should_stream, show_progress, token_bar,
 };
 use crate::args::CalibrateArgs;
 use anyhow::{bail, Context, Result};
 use sq_calib::{calibrate, CalibConfig};
+use sq_smooth::{run_layers, LayerPlan, Recipe};
 use std::time::Instant;
+
+/// The whole model, or one read layer by layer (`--stream`).
+enum Model {
+    Loaded(Box<sq_model::LoadedModel>),
+    Layered(Box<sq_model::LayeredModel>),
+}
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
     let show = show_progress(a.json);
     check_out_file(&a.out, "--out")?;
     let text = read_text(&a.calib_data, "calibration data (--calib-data)")?;
-    let mut loaded = load_model(&a.model, show)?;
-    let context = loaded.model.config.max_position_embeddings;
+    let stream = should_stream(&a.model, a.stream, show)?;
+    let mut model = if stream {
+        Model::Layered(Box::new(open_layered(&a.model, show)?))
+    } else {
+        Model::Loaded(Box::new(load_model(&a.model, show)?))
+    };
+    let (config, tokenizer, label) = match &model {
+        Model::Loaded(l) => (l.model.config.clone(), l.tokenizer.clone(), model_label(l)),
+        Model::Layered(l) => (
+            l.shell.config.clone(),
+            l.tokenizer.clone(),
+            l.source.display().to_string(),
+        ),
+    };
+    let context = config.max_position_embeddings;
     if a.calib_seq_len > context {
         bail!(
             "--calib-seq-len {} is longer than the model's context of {context} tokens; pass \
@@ -20,7 +40,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             a.calib_seq_len
         );
     }
-    let tokens = loaded.tokenizer.encode(&text)?;
+    let tokens = tokenizer.encode(&text)?;
     let cfg = CalibConfig {
         samples: a.calib_samples,
         seq_len: a.calib_seq_len,
@@ -40,10 +60,27 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     let _span = tracing::info_span!("calibrate", windows = windows.len()).entered();
     let pb = token_bar(total_tokens as u64, "calibrating", show);
     let start = Instant::now();
-    let stats = calibrate(&mut loaded.model, &tokens, &cfg, |done, _| {
-        pb.set_position(done_tokens[done - 1])
-    })
-    .with_context(|| format!("calibration of {} failed", model_label(&loaded)))?;
+    let stats = match &mut model {
+        Model::Loaded(loaded) => calibrate(&mut loaded.model, &tokens, &cfg, |done, _| {
+            pb.set_position(done_tokens[done - 1])
+        })
+        .map_err(anyhow::Error::from),
+        Model::Layered(layered) => {
+            pb.set_length(layered.num_layers() as u64);
+            let plan = LayerPlan {
+                calibration: Some((tokens.as_slice(), windows.clone())),
+                stats: None,
+                smoothing: None,
+                recipe: Recipe::CHANNEL_TOKEN,
+                sequential: false,
+                backend: None,
+            };
+            run_layers(layered, &plan, None, |d, _| pb.set_position(d as u64))
+                .map(|o| o.calibration)
+                .map_err(anyhow::Error::from)
+        }
+    }
+    .with_context(|| format!("calibration of {label} failed"))?;
     pb.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     stats
@@ -55,7 +92,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         .map(|s| (s.name().to_string(), s.max_median_ratio()));
     if a.json {
         return print_json(&serde_json::json!({
-            "model": model_label(&loaded),
+            "model": label,
             "data": a.calib_data.display().to_string(),
             "out": a.out.display().to_string(),
             "windows": windows.len(),
@@ -65,6 +102,8 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             "linears": stats.len(),
             "tokens_per_s": total_tokens as f64 / seconds.max(1e-9),
             "max_act_max_median_ratio": worst.as_ref().map(|w| serde_json::json!({"linear": w.0, "ratio": w.1})),
+            "stream": stream,
+            "peak_rss_bytes": peak_rss_bytes(),
         }));
     }
     println!(

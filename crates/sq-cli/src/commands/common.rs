@@ -359,3 +359,77 @@ pub fn peak_rss_bytes() -> u64 {
         })
         .map_or(0, |kb| kb * 1024)
 }
+
+/// Open `--model` for a layer-by-layer run (`--stream`).
+pub fn open_layered(args: &ModelArgs, show: bool) -> Result<sq_model::LayeredModel> {
+    if let Some(path) = &args.model {
+        if !path.exists() {
+            bail!(
+                "--model {}: no such file or directory; pass a Hugging Face model directory, a .gguf \
+                 file or a llama2.c .bin checkpoint (or leave --model out for the embedded stories260K)",
+                path.display()
+            );
+        }
+    }
+    let what = args
+        .model
+        .as_ref()
+        .map_or("embedded stories260K".to_string(), |p| {
+            p.display().to_string()
+        });
+    let _span = tracing::info_span!("open_layered", model = %what).entered();
+    let pb = spinner(&format!("opening {what}"), show);
+    let opened = sq_model::LayeredModel::open(args.model.as_deref(), args.tokenizer.as_deref());
+    pb.finish_and_clear();
+    opened.map_err(|e| {
+        let msg = e.to_string();
+        if msg.starts_with(&what) {
+            anyhow::anyhow!("cannot open the model: {msg}")
+        } else {
+            anyhow::anyhow!("cannot open the model {what}: {msg}")
+        }
+    })
+}
+
+/// Whether to run layer by layer: forced by `--stream`, or because the model's weights as f32
+/// would take more than half the memory available now (Hugging Face directories; the other
+/// inputs are small enough to load).
+pub fn should_stream(args: &ModelArgs, forced: bool, show: bool) -> Result<bool> {
+    if forced {
+        return Ok(true);
+    }
+    let Some(path) = &args.model else {
+        return Ok(false);
+    };
+    let Ok(Some(f32_bytes)) = sq_model::hf_f32_bytes(path) else {
+        return Ok(false);
+    };
+    let Some(available) = mem_available_bytes() else {
+        return Ok(false);
+    };
+    let stream = f32_bytes > available / 2;
+    if stream {
+        tracing::info!(
+            f32_bytes,
+            available,
+            "the model does not fit comfortably in memory: streaming"
+        );
+        if show {
+            eprintln!(
+                "{} needs {:.1} GB as f32 and {:.1} GB of memory is available: quantizing layer by layer (as --stream)",
+                path.display(),
+                f32_bytes as f64 / 1e9,
+                available as f64 / 1e9
+            );
+        }
+    }
+    Ok(stream)
+}
+
+/// `MemAvailable` from /proc/meminfo (Linux), in bytes.
+fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
