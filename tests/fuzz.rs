@@ -769,6 +769,7 @@ fn targets(work: &Path) -> Vec<Target> {
         add_bos: true,
         tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
         extra_files: vec![],
+        lm_head: Default::default(),
     };
     save_native(
         &fp.model,

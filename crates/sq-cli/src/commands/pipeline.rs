@@ -284,8 +284,16 @@ pub fn build(
 ) -> Result<Built> {
     let mut loaded = load_model(model, show)?;
     let mut smoothing = Vec::new();
-    if loaded.quantization.is_some() {
+    if let Some(qc) = &loaded.quantization {
         // A checkpoint written by `quantize` already runs INT8 (schemes_for checked the scheme).
+        let head = qc.extra.get("lm_head").and_then(|v| v.as_str());
+        if q.lm_head == crate::args::LmHeadArg::Int8 && head != Some("int8") {
+            bail!(
+                "--lm-head int8: {} was quantized with a full-precision LM head; quantize it again \
+                 with --lm-head int8, or drop the option",
+                loaded.source.display()
+            );
+        }
         return Ok(Built { loaded, smoothing });
     }
     if scheme == Scheme::Fp32 {
@@ -309,10 +317,19 @@ pub fn build(
     let _span =
         tracing::info_span!("quantize", scheme = scheme.name(), backend = backend.name()).entered();
     let pb = bar(0, &format!("quantize {}", scheme.name()), show);
-    quantize_model_with_progress(&mut loaded.model, &recipe, Some(&stats), backend, |d, n| {
-        pb.set_length(n as u64);
-        pb.set_position(d as u64);
-    })?;
+    quantize_model_with_progress(
+        &mut loaded.model,
+        &recipe,
+        Some(&stats),
+        backend.clone(),
+        |d, n| {
+            pb.set_length(n as u64);
+            pb.set_position(d as u64);
+        },
+    )?;
+    if sq_smooth::LmHead::from(q.lm_head) == sq_smooth::LmHead::Int8 {
+        sq_smooth::quantize_lm_head(&mut loaded.model, backend)?;
+    }
     pb.finish_and_clear();
     Ok(Built { loaded, smoothing })
 }
@@ -341,6 +358,10 @@ pub fn scheme_fields_for(
         if let Some(a) = qc.extra.get("alphas") {
             m.insert("alphas".into(), a.clone());
         }
+        m.insert(
+            "lm_head".into(),
+            qc.extra.get("lm_head").cloned().unwrap_or("fp32".into()),
+        );
         return Ok(m);
     }
     let mut m = serde_json::Map::new();
@@ -363,5 +384,13 @@ pub fn scheme_fields_for(
     };
     m.insert("alpha".into(), alpha);
     m.insert("smooth_targets".into(), targets);
+    m.insert(
+        "lm_head".into(),
+        match scheme {
+            Scheme::Fp32 => "fp32",
+            _ => sq_smooth::LmHead::from(q.lm_head).name(),
+        }
+        .into(),
+    );
     Ok(m)
 }

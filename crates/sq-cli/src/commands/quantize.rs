@@ -116,6 +116,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         add_bos: loaded.add_bos,
         tokenizer_json,
         extra_files,
+        lm_head: a.quant.lm_head.into(),
     };
     let pb = spinner(&format!("writing {}", a.out.display()), show);
     match a.format {
