@@ -1,6 +1,6 @@
 //! A tied model holds its embedding table once, in the LM head; lookups read the head's rows.
 
-use sq_model::{load_hf_dir, Linear};
+use sq_model::load_hf_dir;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
