@@ -771,6 +771,7 @@ fn targets(work: &Path) -> Vec<Target> {
         tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
         extra_files: vec![],
         max_shard_bytes: None,
+        lm_head: Default::default(),
     };
     save_native(
         &fp.model,

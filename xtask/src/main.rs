@@ -16,6 +16,7 @@
 
 mod cuda;
 mod gemm_bench;
+mod model_bench;
 mod scale;
 
 use anyhow::{bail, Context, Result};
@@ -29,9 +30,12 @@ commands:
   test-command                           print the test command written in README.md
   snapshots [--accept|--reject] [ARGS]   run the tests (ARGS narrow `cargo test`, default --workspace)
                                          and show pending insta snapshots, or accept/reject them
-  bench [gemm|model|all] [--threads N] [--json] [--device cpu|cuda[:N]]
+  bench [gemm|model|all] [--threads N] [--json] [--device cpu|cuda[:N]] [--lm-head fp32|int8]
                                          benchmarks (see ../shared/cli-contract.md); `--device cuda`
-                                         times INT8 vs FP16 GEMMs on an NVIDIA GPU
+                                         times INT8 vs FP16 GEMMs on an NVIDIA GPU; `model` runs
+                                         `smoothquant bench` on ../shared's SmolLM2 (fp32 and each
+                                         W8A8 preset, 1 and 2 threads) and draws
+                                         docs/images/bench_smollm2.png
   fuzz [--cases N] [--seconds S] [--seed N] [--targets a,b]
                                          mutation-fuzz every parser (N cases each, default 10000;
                                          or S seconds each); see docs/reliability.md
@@ -53,7 +57,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("snapshots") => snapshots(&root, &args[1..]),
-        Some("bench") => bench(&args[1..]),
+        Some("bench") => bench(&root, &args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("kernels") => cuda::kernels(&root, &args[1..]),
         Some("scale") => scale::scale(&root, &args[1..]),
@@ -242,11 +246,12 @@ fn fuzz(args: &[String]) -> Result<()> {
     run(&mut cmd)
 }
 
-fn bench(args: &[String]) -> Result<()> {
+fn bench(root: &Path, args: &[String]) -> Result<()> {
     let mut which = "all";
     let mut threads = None;
     let mut json = false;
     let mut gpu = None;
+    let mut lm_head = "fp32".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -262,6 +267,9 @@ fn bench(args: &[String]) -> Result<()> {
                         _ => bail!("--device {other}: expected cpu, cuda or cuda:N"),
                     },
                 };
+            }
+            "--lm-head" => {
+                lm_head = it.next().context("--lm-head needs fp32 or int8")?.clone();
             }
             "--threads" => {
                 let n = it.next().context("--threads needs a value")?;
@@ -281,20 +289,37 @@ fn bench(args: &[String]) -> Result<()> {
         }
         return cuda::bench_gemm(ordinal, json);
     }
+    let model = model_bench::Options {
+        threads,
+        json,
+        lm_head,
+    };
     match which {
         "gemm" => gemm_bench::run(threads, json),
-        "model" => model_bench(threads, json),
+        "model" => {
+            let report = model_bench::run(root, &model)?;
+            if json {
+                println!("{report}");
+            }
+            Ok(())
+        }
         _ => {
-            gemm_bench::run(threads, json)?;
-            model_bench(threads, json)
+            if !json {
+                gemm_bench::run(threads, false)?;
+                model_bench::run(root, &model)?;
+                return Ok(());
+            }
+            let threads = match threads {
+                Some(0) => bail!("--threads must be at least 1"),
+                Some(t) => t,
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            };
+            let gemm =
+                sq_kernels::bench::run_gemm_suite(threads).context("running the GEMM benchmark")?;
+            let mut report: serde_json::Value = serde_json::from_str(&gemm.to_json())?;
+            report["model"] = model_bench::run(root, &model)?;
+            println!("{report}");
+            Ok(())
         }
     }
-}
-
-fn model_bench(_threads: Option<usize>, _json: bool) -> Result<()> {
-    bail!(
-        "`cargo xtask bench model` will run `smoothquant bench` on ../shared's SmolLM2 for fp32 and each \
-         W8A8 preset (prefill at 128, 512 and 2048 tokens, decode after 512, peak RSS, model bytes); \
-         the W8A8 model path it measures is not in the workspace yet"
-    )
 }

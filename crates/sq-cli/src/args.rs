@@ -182,6 +182,26 @@ pub struct QuantArgs {
     /// Also run the attention BMMs and the KV cache in INT8 (W8A8 schemes, on the CPU)
     #[arg(long)]
     pub int8_attention: bool,
+
+    /// The LM head of the W8A8 schemes: fp32 as in the paper, or int8 (weights per channel,
+    /// activations per token; a tied embedding then reads the head's INT8 rows)
+    #[arg(long, value_enum, default_value_t = LmHeadArg::Fp32)]
+    pub lm_head: LmHeadArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LmHeadArg {
+    Fp32,
+    Int8,
+}
+
+impl From<LmHeadArg> for sq_smooth::LmHead {
+    fn from(h: LmHeadArg) -> Self {
+        match h {
+            LmHeadArg::Fp32 => sq_smooth::LmHead::Fp32,
+            LmHeadArg::Int8 => sq_smooth::LmHead::Int8,
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -222,11 +222,103 @@ fn inspect_and_bench_json() {
                 "prefill_tokens_per_s",
                 "decode_tokens_per_s",
                 "peak_rss_bytes",
+                "loaded_rss_bytes",
                 "model_bytes",
+                "lm_head",
             ],
         );
         assert!(r["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+        // The loaded model is resident; the scheme's peak includes it.
+        let (loaded, peak) = (
+            r["loaded_rss_bytes"].as_u64().unwrap(),
+            r["peak_rss_bytes"].as_u64().unwrap(),
+        );
+        assert!(loaded > 0 && loaded <= peak, "loaded {loaded} peak {peak}");
     }
+}
+
+#[test]
+fn int8_lm_head_round_trips_and_shrinks_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = assets().join("calib.txt");
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--prompt-len",
+            "32",
+            "--gen-tokens",
+            "4",
+            "--scheme",
+            "smoothquant",
+            "--calib-data",
+            calib.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&run(&args))["results"][0].clone()
+    };
+    let fp_head = bench(&[]);
+    let int8_head = bench(&["--lm-head", "int8"]);
+    assert_eq!(fp_head["lm_head"], "fp32");
+    assert_eq!(int8_head["lm_head"], "int8");
+    assert!(
+        int8_head["model_bytes"].as_u64().unwrap() < fp_head["model_bytes"].as_u64().unwrap(),
+        "{int8_head} vs {fp_head}"
+    );
+    let out = dir.path().join("int8-head");
+    json(&run(&[
+        "quantize",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--lm-head",
+        "int8",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    let reloaded = json(&run(&[
+        "bench",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt-len",
+        "32",
+        "--gen-tokens",
+        "4",
+        "--json",
+    ]))["results"][0]
+        .clone();
+    assert_eq!(reloaded["lm_head"], "int8");
+    assert_eq!(reloaded["model_bytes"], int8_head["model_bytes"]);
+    // A checkpoint with an FP head cannot be asked for an INT8 one.
+    let fp_out = dir.path().join("fp-head");
+    json(&run(&[
+        "quantize",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--out",
+        fp_out.to_str().unwrap(),
+        "--json",
+    ]));
+    let out = bin()
+        .args([
+            "eval",
+            "--model",
+            fp_out.to_str().unwrap(),
+            "--lm-head",
+            "int8",
+        ])
+        .args([
+            "--data",
+            calib.to_str().unwrap(),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--lm-head int8"));
 }
 
 #[test]

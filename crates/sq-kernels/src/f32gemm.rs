@@ -44,6 +44,27 @@ impl PackedF32 {
         self.lines.len() * std::mem::size_of::<LineF32>()
     }
 
+    /// Row `r` of the original weights (`k` values) into `out`: a tied embedding's lookup reads
+    /// the LM head's packed copy instead of holding a second one.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        const OP: &str = "PackedF32::row_into";
+        if r >= self.n {
+            return Err(KernelError::ShapeMismatch {
+                op: OP,
+                detail: format!("row {r} of a [{}, {}] weight", self.n, self.k),
+            });
+        }
+        check_len(OP, "out", || format!("[{}]", self.k), self.k, out.len())?;
+        let (p, c) = (r / PANEL, r % PANEL);
+        for (o, line) in out
+            .iter_mut()
+            .zip(&self.lines[p * self.k..(p + 1) * self.k])
+        {
+            *o = line.0[c];
+        }
+        Ok(())
+    }
+
     /// The original `[n, k]` row-major weights (exact: packing only moves values).
     pub fn unpack(&self) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
@@ -624,6 +645,20 @@ mod tests {
             let w: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.5 - 7.0).collect();
             assert_eq!(pack_f32(&w, n, k).unwrap().unpack(), w, "{n}x{k}");
         }
+    }
+
+    #[test]
+    fn rows_of_the_packed_weights() {
+        let (n, k) = (33, 65);
+        let w: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let packed = pack_f32(&w, n, k).unwrap();
+        let mut row = vec![0.0; k];
+        for r in 0..n {
+            packed.row_into(r, &mut row).unwrap();
+            assert_eq!(&row[..], &w[r * k..(r + 1) * k], "row {r}");
+        }
+        assert!(packed.row_into(n, &mut row).is_err());
+        assert!(packed.row_into(0, &mut row[1..]).is_err());
     }
 
     #[test]

@@ -67,6 +67,7 @@ mod dispatch;
 mod error;
 mod f32gemm;
 pub mod int8;
+pub mod math;
 pub mod quantize;
 mod scratch;
 

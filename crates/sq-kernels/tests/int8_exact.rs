@@ -556,3 +556,30 @@ fn unpack_returns_the_weights_whatever_the_layout() {
         }
     }
 }
+
+#[test]
+fn dequantized_rows_are_the_weights_times_their_scales() {
+    let mut rng = Rng::new(22);
+    let mut backends = optimized_backends();
+    backends.push(std::sync::Arc::new(Reference));
+    for (n, k) in [(1, 1), (17, 7), (33, 130)] {
+        let w = rng.i8s(n * k);
+        let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 0.003).collect();
+        for b in &backends {
+            let packed = b
+                .pack_weights(&w, n, k, WeightScales::PerChannel(scales.clone()), None)
+                .unwrap();
+            let mut row = vec![0f32; k];
+            for r in 0..n {
+                packed.dequantize_row_into(r, &mut row).unwrap();
+                let want: Vec<f32> = w[r * k..(r + 1) * k]
+                    .iter()
+                    .map(|&v| v as f32 * scales[r])
+                    .collect();
+                assert_eq!(row, want, "{} row {r}", b.name());
+            }
+            assert!(packed.dequantize_row_into(n, &mut row).is_err());
+            assert!(packed.dequantize_row_into(0, &mut row[..k - 1]).is_err() || k == 1);
+        }
+    }
+}

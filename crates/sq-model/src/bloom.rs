@@ -138,6 +138,7 @@ pub fn build_shell(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model>
             name: t.name("word_embeddings"),
             weight: embed_weight,
             dim: h,
+            in_lm_head: false,
         },
         pos_embed: None,
         embed_norm: Some(embed_norm),

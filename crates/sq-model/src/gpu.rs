@@ -283,7 +283,7 @@ impl GpuModel {
             None => None,
         };
         let mut gpu = GpuModel {
-            embed: d.upload(&model.embed.weight)?,
+            embed: d.upload(&model.embedding_table()?)?,
             embed_dim: model.embed.dim,
             pos_embed,
             embed_norm: model.embed_norm.as_ref().map(norm).transpose()?,

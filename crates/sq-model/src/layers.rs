@@ -62,6 +62,11 @@ impl Norm {
 
 /// Apply an activation in place (for gated MLPs `x` is the gate).
 pub fn activate(act: Activation, x: &mut [f32]) {
+    if act == Activation::Silu {
+        x.par_chunks_mut(4096)
+            .for_each(sq_kernels::math::silu_inplace);
+        return;
+    }
     x.par_chunks_mut(4096).for_each(|c| {
         for v in c {
             *v = match act {
@@ -334,7 +339,7 @@ pub fn attention(
                     }
                     let mut sum = 0.0f32;
                     for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
+                        *sc = sq_kernels::math::exp(*sc - max);
                         sum += *sc;
                     }
                     let inv = 1.0 / sum;
@@ -354,6 +359,9 @@ pub fn attention(
 
 /// Below this many query rows, [`attention`] runs its row loop; above, the per-head GEMM path.
 pub const GEMM_ATTENTION_MIN_ROWS: usize = 16;
+
+/// Query rows per block of [`attention_gemm`]'s causal loop.
+const CAUSAL_BLOCK: usize = 64;
 
 /// Causal attention for a prefill chunk on the f32 GEMM: per head, `S = scale · Q Kᵀ` and
 /// `O = softmax(S) V` as two strided GEMMs (heads in parallel), with the same masking, ALiBi and
@@ -384,64 +392,69 @@ pub fn attention_gemm(
         .into_par_iter()
         .map(|h| {
             let kvh = h / group;
-            let mut scores = vec![0.0f32; t * n_keys];
-            let qv = MatRef {
-                data: &q[h * head_dim..],
-                rows: t,
-                cols: head_dim,
-                row_stride: q_width,
-            };
-            let kv = MatRef {
-                data: &keys[kvh * head_dim..],
-                rows: n_keys,
-                cols: head_dim,
-                row_stride: kv_width,
-            };
-            sgemm_serial(
-                scale,
-                qv,
-                kv,
-                Transpose::Yes,
-                0.0,
-                MatMut::new(&mut scores, t, n_keys),
-            )?;
-            for (i, row) in scores.chunks_exact_mut(n_keys).enumerate() {
-                let pos = pos0 + i;
-                let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                if let Some(slopes) = alibi {
-                    for (j, s) in row.iter_mut().enumerate().take(pos + 1).skip(first) {
-                        *s += slopes[h] * j as f32;
-                    }
-                }
-                let valid = &mut row[first..=pos];
-                let max = valid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for s in valid.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                for s in valid.iter_mut() {
-                    *s *= inv;
-                }
-                row[..first].fill(0.0);
-                row[pos + 1..].fill(0.0);
-            }
+            // Causal: a block of query rows needs only the keys up to its last position, so
+            // the masked upper triangle is never computed (half the work of a fresh prompt).
+            let mut scores = vec![0.0f32; CAUSAL_BLOCK.min(t) * n_keys];
             let mut o = vec![0.0f32; t * head_dim];
-            let vv = MatRef {
-                data: &values[kvh * head_dim..],
-                rows: n_keys,
-                cols: head_dim,
-                row_stride: kv_width,
-            };
-            sgemm_serial(
-                1.0,
-                MatRef::new(&scores, t, n_keys),
-                vv,
-                Transpose::No,
-                0.0,
-                MatMut::new(&mut o, t, head_dim),
-            )?;
+            for r0 in (0..t).step_by(CAUSAL_BLOCK) {
+                let r1 = (r0 + CAUSAL_BLOCK).min(t);
+                let rows = r1 - r0;
+                let k0 = sliding_window.map_or(0, |w| (pos0 + r0 + 1).saturating_sub(w));
+                let k1 = pos0 + r1;
+                let nk = k1 - k0;
+                let block = &mut scores[..rows * nk];
+                let qv = MatRef {
+                    data: &q[r0 * q_width + h * head_dim..],
+                    rows,
+                    cols: head_dim,
+                    row_stride: q_width,
+                };
+                let kv = MatRef {
+                    data: &keys[k0 * kv_width + kvh * head_dim..],
+                    rows: nk,
+                    cols: head_dim,
+                    row_stride: kv_width,
+                };
+                sgemm_serial(
+                    scale,
+                    qv,
+                    kv,
+                    Transpose::Yes,
+                    0.0,
+                    MatMut::new(block, rows, nk),
+                )?;
+                for (i, row) in block.chunks_exact_mut(nk).enumerate() {
+                    let pos = pos0 + r0 + i;
+                    let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    if let Some(slopes) = alibi {
+                        for (j, s) in row
+                            .iter_mut()
+                            .enumerate()
+                            .take(pos + 1 - k0)
+                            .skip(first - k0)
+                        {
+                            *s += slopes[h] * (k0 + j) as f32;
+                        }
+                    }
+                    sq_kernels::math::softmax_inplace(&mut row[first - k0..=pos - k0]);
+                    row[..first - k0].fill(0.0);
+                    row[pos + 1 - k0..].fill(0.0);
+                }
+                let vv = MatRef {
+                    data: &values[k0 * kv_width + kvh * head_dim..],
+                    rows: nk,
+                    cols: head_dim,
+                    row_stride: kv_width,
+                };
+                sgemm_serial(
+                    1.0,
+                    MatRef::new(block, rows, nk),
+                    vv,
+                    Transpose::No,
+                    0.0,
+                    MatMut::new(&mut o[r0 * head_dim..r1 * head_dim], rows, head_dim),
+                )?;
+            }
             Ok(o)
         })
         .collect();
@@ -466,6 +479,9 @@ mod tests {
             (5, 17, Some(7), false),
             (3, 33, None, true),
             (0, 16, Some(4), true),
+            // Several causal blocks.
+            (0, 150, None, false),
+            (9, 131, Some(40), true),
         ] {
             let n = pos0 + t;
             let val = |i: usize| ((i * 2654435761) % 1000) as f32 / 250.0 - 2.0;

@@ -15,6 +15,17 @@ pub trait Linear: Send + Sync + fmt::Debug {
     fn weight_bytes(&self) -> usize;
     /// Short description of the representation (`"f32"`, `"w8a8"`, ...).
     fn kind(&self) -> String;
+    /// Row `row` of the weights as the GEMM sees them (dequantized), `in_features` values: the
+    /// embedding lookup of a tied model whose only copy of the table is the LM head.
+    fn weight_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        let _ = (row, out);
+        Err(ModelError::Invalid(format!(
+            "{} Linear [{} x {}] cannot serve as an embedding table",
+            self.kind(),
+            self.out_features(),
+            self.in_features()
+        )))
+    }
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
@@ -178,6 +189,15 @@ impl Linear for FpLinear {
     }
     fn kind(&self) -> String {
         "f32".into()
+    }
+    fn weight_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        if self.input_smoothing.is_some() {
+            return Err(ModelError::Invalid(
+                "an f32 Linear with run-time input smoothing cannot serve as an embedding table"
+                    .into(),
+            ));
+        }
+        Ok(self.packed.row_into(row, out)?)
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -191,6 +191,7 @@ pub fn build_shell(cfg: ModelConfig, source: &dyn WeightSource) -> Result<Model>
             name: embed_name.trim_end_matches(".weight").to_string(),
             weight: embed_weight,
             dim: h,
+            in_lm_head: false,
         },
         pos_embed: None,
         embed_norm: None,

@@ -78,11 +78,13 @@ pub fn build_model(
 ) -> Result<Model> {
     let arch = architecture_of(config, config_path)?;
     let _span = tracing::info_span!("build_model", architecture = arch.name()).entered();
-    match arch {
-        Architecture::Llama => llama::build(llama::config(config, config_path)?, weights),
-        Architecture::Opt => opt::build(opt::config(config, config_path)?, config, weights),
-        Architecture::Bloom => bloom::build(bloom::config(config, config_path)?, weights),
-    }
+    let mut model = match arch {
+        Architecture::Llama => llama::build(llama::config(config, config_path)?, weights)?,
+        Architecture::Opt => opt::build(opt::config(config, config_path)?, config, weights)?,
+        Architecture::Bloom => bloom::build(bloom::config(config, config_path)?, weights)?,
+    };
+    model.share_tied_embedding()?;
+    Ok(model)
 }
 
 /// The model without its decoder layers (embeddings, final norm, LM head), for layer-by-layer

@@ -5,6 +5,7 @@
 //! Loading runs INT8 directly, with no recalibration.
 
 use crate::config::read_config_json;
+use crate::linear::Linear;
 use crate::loader::{build_model, LoadedModel};
 use crate::quant::{ActQuant, Int8Linear, WeightGranularity};
 use crate::tokenizer::HfTokenizer;
@@ -50,6 +51,67 @@ pub fn is_native_dir(dir: &Path) -> bool {
                 .map(|m| m == QUANT_METHOD)
         })
         .unwrap_or(false)
+}
+
+/// Replace the LM head (built from the checkpoint's INT8 values read as f32; tied, from the
+/// embedding's tensor) by its INT8 form with `lm_head.weight_scale`. A tied embedding that the
+/// loader shared with the head then reads the dequantized rows, as when it was quantized.
+fn int8_head(
+    model: &mut crate::Model,
+    ckpt: &Checkpoint,
+    dir: &Path,
+    backend: Arc<dyn Int8Gemm>,
+) -> Result<()> {
+    let head = &mut model.lm_head;
+    let name = head.name.clone();
+    let bad = |reason: String| ModelError::Config {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let fp = head
+        .as_fp()
+        .ok_or_else(|| bad(format!("`{name}` is not a plain Linear")))?;
+    let (n, k) = (fp.out_features(), fp.in_features());
+    let values = fp.weight();
+    let mut w_q = Vec::with_capacity(values.len());
+    for (i, &v) in values.iter().enumerate() {
+        if v.fract() != 0.0 || !(-128.0..=127.0).contains(&v) {
+            return Err(bad(format!(
+                "the INT8 LM head's weight holds {v} at index {i}, not an INT8 value"
+            )));
+        }
+        w_q.push(v as i8);
+    }
+    let scale_name = format!("{name}.weight_scale");
+    let scales = ckpt.tensor(&scale_name)?.to_f32_vec()?;
+    if scales.len() != n {
+        return Err(ModelError::TensorShape {
+            path: dir.to_path_buf(),
+            name: scale_name,
+            expected: vec![n],
+            actual: vec![scales.len()],
+        });
+    }
+    if let Some(i) = scales.iter().position(|v| !v.is_finite() || *v < 0.0) {
+        return Err(ModelError::NonFinite {
+            path: dir.to_path_buf(),
+            name: scale_name,
+            what: "a non-finite or negative scale",
+            index: i,
+        });
+    }
+    let bias = fp.bias().map(<[f32]>::to_vec);
+    head.linear = Box::new(Int8Linear::from_quantized(
+        &w_q,
+        WeightScales::PerChannel(scales),
+        bias.as_deref(),
+        n,
+        k,
+        WeightGranularity::Channel,
+        ActQuant::Token,
+        backend,
+    )?);
+    Ok(())
 }
 
 /// Load a directory written by `smoothquant quantize --format native`.
@@ -175,6 +237,16 @@ pub fn load_native(
                 int8
             };
             linear.linear = Box::new(int8);
+        }
+    }
+    match qc.extra.get("lm_head").and_then(|v| v.as_str()) {
+        None | Some("fp32") => {}
+        Some("int8") => int8_head(&mut model, &ckpt, dir, backend.clone())?,
+        Some(other) => {
+            return Err(ModelError::Config {
+                path: config_path,
+                reason: format!("quantization_config.lm_head `{other}` is not fp32 or int8"),
+            })
         }
     }
     let tok_path = dir.join("tokenizer.json");

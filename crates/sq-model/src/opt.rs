@@ -186,11 +186,13 @@ pub fn build_shell(
             name: d.name("embed_tokens"),
             weight: embed_weight,
             dim: emb_dim,
+            in_lm_head: false,
         },
         pos_embed: Some(Embedding {
             name: d.name("embed_positions"),
             weight: pos_weight,
             dim: h,
+            in_lm_head: false,
         }),
         embed_norm: None,
         project_in,

@@ -3,7 +3,7 @@
 //! the dequantize epilogue fused. [`FakeQuantLinear`] computes the same thing in f32 and is the
 //! test oracle.
 
-use crate::linear::{check_forward_shapes, check_input_smoothing, FpLinear, Linear};
+use crate::linear::{check_forward_shapes, check_input_smoothing, FpLinear, Linear, NamedLinear};
 use crate::{ModelError, Result};
 use sq_kernels::{ActScales, Int8Gemm, PackedInt8, WeightScales};
 use std::any::Any;
@@ -299,6 +299,15 @@ impl Linear for Int8Linear {
     fn weight_bytes(&self) -> usize {
         self.packed.weight_bytes() + 4 * self.input_smoothing.as_ref().map_or(0, Vec::len)
     }
+    fn weight_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        if self.input_smoothing.is_some() {
+            return Err(ModelError::Invalid(
+                "an INT8 Linear with run-time input smoothing cannot serve as an embedding table"
+                    .into(),
+            ));
+        }
+        Ok(self.packed.dequantize_row_into(row, out)?)
+    }
     fn kind(&self) -> String {
         format!(
             "w8a8 (weights per {}, acts {})",
@@ -315,6 +324,68 @@ impl Linear for Int8Linear {
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
+}
+
+/// Run Linears that read the same input `x` (`[m, k]`): W8A8 ones that quantize it the same
+/// way (same policy, no run-time smoothing, no observer) share one quantize pass (q/k/v,
+/// gate/up); otherwise each runs its own forward. Results are identical either way.
+pub fn forward_same_input(
+    linears: &[&NamedLinear],
+    x: &[f32],
+    m: usize,
+    outs: &mut [&mut [f32]],
+) -> Result<()> {
+    let int8: Option<Vec<&Int8Linear>> = linears
+        .iter()
+        .map(|l| {
+            l.observer
+                .is_none()
+                .then(|| l.linear.as_any().downcast_ref::<Int8Linear>())
+                .flatten()
+                .filter(|q| q.input_smoothing.is_none())
+        })
+        .collect();
+    let shared = match &int8 {
+        Some(v) if v.len() > 1 => v.iter().all(|q| {
+            q.act == v[0].act
+                && q.in_features == v[0].in_features
+                && q.backend.name() == v[0].backend.name()
+        }),
+        _ => false,
+    };
+    if !shared || linears.len() != outs.len() {
+        for (l, y) in linears.iter().zip(outs.iter_mut()) {
+            l.forward(x, m, y)?;
+        }
+        return Ok(());
+    }
+    let int8 = int8.expect("checked above");
+    let name_err = |name: &str, e: ModelError| match e {
+        ModelError::Invalid(msg) => ModelError::Invalid(format!("{name}: {msg}")),
+        other => other,
+    };
+    for ((l, q), y) in linears.iter().zip(&int8).zip(outs.iter()) {
+        check_forward_shapes(*q, x, m, y).map_err(|e| name_err(&l.name, e))?;
+    }
+    let first = int8[0];
+    ACT_SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (q, scales) = &mut *s;
+        if q.len() < x.len() {
+            q.resize(x.len(), 0);
+        }
+        if scales.len() < m {
+            scales.resize(m, 0.0);
+        }
+        let q = &mut q[..x.len()];
+        let x_scales = quantize_input(first.act, x, m, first.in_features, None, q, scales)?;
+        for ((l, lin), y) in linears.iter().zip(&int8).zip(outs.iter_mut()) {
+            lin.backend
+                .gemm_f32_out(q, m, x_scales, &lin.packed, y)
+                .map_err(|e| name_err(&l.name, e.into()))?;
+        }
+        Ok(())
+    })
 }
 
 /// The same W8A8 computation in f32 (dequantized weights, quantize-dequantize of the input):

@@ -126,7 +126,15 @@ pub fn save_compressed_tensors(
              pass --smooth-targets paper, or write --format native"
         )));
     }
-    let mut tensors = crate::export::float_tensors(model)?;
+    if info.lm_head == crate::LmHead::Int8 {
+        return Err(SmoothError::Unsupported(
+            "an INT8 LM head (--lm-head int8) is smoothquant-rs' own extension, which the \
+             compressed-tensors layout here keeps in full precision: write --format native, or \
+             drop --lm-head int8"
+                .into(),
+        ));
+    }
+    let mut tensors = crate::export::float_tensors(model, crate::LmHead::Fp32)?;
     // Every Linear outside the decoder layers stays full precision and must be ignored, or
     // compressed-tensors would expect INT8 weights for it (`targets: ["Linear"]`).
     let mut ignore = vec!["lm_head".to_string()];

@@ -1,7 +1,7 @@
 //! Writing a W8A8 checkpoint in smoothquant-rs' native layout (read back by
 //! `sq_model::native::load_native`).
 
-use crate::{Recipe, Result, SmoothError};
+use crate::{LmHead, Recipe, Result, SmoothError};
 use sq_calib::StatsTable;
 use sq_model::quant::quantize_weight;
 use sq_model::{Block, Linear, Model, WeightGranularity};
@@ -29,6 +29,8 @@ pub struct ExportInfo {
     /// Largest weights file (native layout): larger checkpoints are written as Hugging Face
     /// shards with an index. `None`: one `model.safetensors`.
     pub max_shard_bytes: Option<u64>,
+    /// The LM head's representation (INT8 only in the native layout).
+    pub lm_head: LmHead,
 }
 
 fn tensor(data: &[f32], shape: &[usize]) -> Result<Tensor> {
@@ -36,9 +38,10 @@ fn tensor(data: &[f32], shape: &[usize]) -> Result<Tensor> {
 }
 
 /// The tensors every export writes in f32: embeddings, norms, and the Linears that stay full
-/// precision (OPT's `project_in`/`project_out`, the LM head unless tied to the embeddings).
-pub(crate) fn float_tensors(model: &Model) -> Result<Vec<(String, Tensor)>> {
-    let mut tensors = outer_float_tensors(model)?;
+/// precision (OPT's `project_in`/`project_out`, the LM head unless tied to the embeddings or
+/// written in INT8 by [`int8_head_tensors`]).
+pub(crate) fn float_tensors(model: &Model, lm_head: LmHead) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors = outer_float_tensors(model, lm_head)?;
     for block in &model.layers {
         tensors.extend(norm_tensors(&[&block.attn_norm, &block.mlp_norm])?);
     }
@@ -59,13 +62,15 @@ fn norm_tensors(norms: &[&sq_model::layers::Norm]) -> Result<Vec<(String, Tensor
 
 /// The f32 tensors outside the decoder layers: embeddings, the embedding and final norms, the
 /// full-precision Linears.
-fn outer_float_tensors(model: &Model) -> Result<Vec<(String, Tensor)>> {
+fn outer_float_tensors(model: &Model, lm_head: LmHead) -> Result<Vec<(String, Tensor)>> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let e = &model.embed;
-    tensors.push((
-        format!("{}.weight", e.name),
-        tensor(&e.weight, &[e.weight.len() / e.dim, e.dim])?,
-    ));
+    if !(lm_head == LmHead::Int8 && model.config.tie_word_embeddings) {
+        tensors.push((
+            format!("{}.weight", e.name),
+            tensor(&model.embedding_table()?, &[model.embedding_rows(), e.dim])?,
+        ));
+    }
     if let Some(p) = &model.pos_embed {
         tensors.push((
             format!("{}.weight", p.name),
@@ -79,8 +84,8 @@ fn outer_float_tensors(model: &Model) -> Result<Vec<(String, Tensor)>> {
         .collect();
     tensors.extend(norm_tensors(&outer_norms)?);
     let fp_linears = model.project_in.iter().chain(model.project_out.iter());
-    let lm_head = (!model.config.tie_word_embeddings).then_some(&model.lm_head);
-    for l in fp_linears.chain(lm_head) {
+    let fp_head = !model.config.tie_word_embeddings && lm_head == LmHead::Fp32;
+    for l in fp_linears.chain(fp_head.then_some(&model.lm_head)) {
         let fp = l
             .as_fp()
             .ok_or_else(|| SmoothError::Config(format!("`{}` must stay full precision", l.name)))?;
@@ -138,6 +143,49 @@ pub fn native_layer_tensors(
     Ok(tensors)
 }
 
+/// Everything the native layout holds outside the decoder layers: the f32 tensors and, with
+/// `LmHead::Int8`, the INT8 head.
+fn outer_native_tensors(model: &Model, lm_head: LmHead) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors = outer_float_tensors(model, lm_head)?;
+    if lm_head == LmHead::Int8 {
+        tensors.extend(int8_head_tensors(model)?);
+    }
+    Ok(tensors)
+}
+
+/// The INT8 LM head: weights per channel under `lm_head.weight` (or, tied, under the
+/// embedding's name, which the loader then reads as the head's rows) and `lm_head.weight_scale`.
+fn int8_head_tensors(model: &Model) -> Result<Vec<(String, Tensor)>> {
+    let head = &model.lm_head;
+    let fp = head.as_fp().ok_or_else(|| {
+        SmoothError::Config(format!(
+            "`{}` is already quantized; export starts from the FP model",
+            head.name
+        ))
+    })?;
+    let (n, k) = (fp.out_features(), fp.in_features());
+    let (w_q, scales) = quantize_weight(fp, WeightGranularity::Channel)?;
+    let sq_kernels::WeightScales::PerChannel(scales) = scales else {
+        unreachable!("per-channel quantization returns per-channel scales")
+    };
+    let weight_name = if model.config.tie_word_embeddings {
+        format!("{}.weight", model.embed.name)
+    } else {
+        format!("{}.weight", head.name)
+    };
+    let mut out = vec![
+        (weight_name, Tensor::from_vec(w_q, &[n, k])?),
+        (
+            format!("{}.weight_scale", head.name),
+            Tensor::from_vec(scales, &[n])?,
+        ),
+    ];
+    if let Some(b) = fp.bias() {
+        out.push((format!("{}.bias", head.name), tensor(b, &[n])?));
+    }
+    Ok(out)
+}
+
 /// Quantize `model` (FP; already smoothed for SmoothQuant) with `info.recipe` and write the
 /// checkpoint to `out` atomically. `stats` must describe the model as it is (static scales read
 /// them). A non-empty `out` is replaced only with `overwrite`.
@@ -149,7 +197,7 @@ pub fn save_native(
     out: &Path,
     overwrite: bool,
 ) -> Result<()> {
-    let mut tensors = outer_float_tensors(model)?;
+    let mut tensors = outer_native_tensors(model, info.lm_head)?;
     let mut count = 0;
     for block in &model.layers {
         tensors.extend(native_layer_tensors(block, &info.recipe, stats)?);
@@ -200,6 +248,7 @@ fn finish_native_dir(
     qc.insert("add_bos".into(), info.add_bos.into());
     qc.insert("int8_attention".into(), info.int8_attention.into());
     qc.insert("quantized_linears".into(), count.into());
+    qc.insert("lm_head".into(), info.lm_head.name().into());
     for (k, v) in &info.record {
         qc.entry(k.clone()).or_insert(v.clone());
     }
@@ -272,7 +321,7 @@ impl NativeStreamWriter {
         hf_config: &serde_json::Value,
         info: &ExportInfo,
     ) -> Result<()> {
-        for (name, t) in outer_float_tensors(shell)? {
+        for (name, t) in outer_native_tensors(shell, info.lm_head)? {
             self.spill.push(&name, &t)?;
         }
         let NativeStreamWriter {

@@ -82,7 +82,8 @@ pub use groups::{
     OPT_BEYOND, OPT_PAPER,
 };
 pub use quantize::{
-    fake_quantize_model, quantize_model, quantize_model_with_progress, ActPolicy, Recipe,
+    fake_quantize_model, quantize_lm_head, quantize_model, quantize_model_with_progress, ActPolicy,
+    LmHead, Recipe,
 };
 pub use search::{
     default_grid, group_kind, refine_alphas, search_alphas, AlphaCandidate, AlphaChoice,

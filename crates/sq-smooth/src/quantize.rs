@@ -78,6 +78,46 @@ impl Recipe {
     }
 }
 
+/// The LM head's representation in a W8A8 model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LmHead {
+    /// Full precision, as in the paper.
+    #[default]
+    Fp32,
+    /// INT8 weights per output channel, activations dynamic per token, whatever the recipe of
+    /// the decoder layers. A tied embedding that lives in the head then reads its rows
+    /// dequantized, so the model holds the table once, in INT8.
+    Int8,
+}
+
+impl LmHead {
+    pub fn name(self) -> &'static str {
+        match self {
+            LmHead::Fp32 => "fp32",
+            LmHead::Int8 => "int8",
+        }
+    }
+}
+
+/// Replace the (FP) LM head with an [`Int8Linear`]: weights per channel, activations per token.
+pub fn quantize_lm_head(model: &mut Model, backend: Arc<dyn Int8Gemm>) -> Result<()> {
+    let head = &mut model.lm_head;
+    let fp = head
+        .as_fp()
+        .ok_or_else(|| SmoothError::Config(format!("`{}` is already quantized", head.name)))?;
+    if fp.input_smoothing().is_some() {
+        return Err(SmoothError::Config(format!(
+            "`{}` divides its input at run time; it cannot be quantized",
+            head.name
+        )));
+    }
+    let int8 = Int8Linear::from_fp(fp, WeightGranularity::Channel, ActQuant::Token, backend)
+        .map_err(|e| SmoothError::Config(format!("{}: {e}", head.name)))?;
+    head.linear = Box::new(int8);
+    Ok(())
+}
+
 /// Replace every decoder-layer Linear (not the embeddings' projections, not the LM head, as in
 /// the paper) with an [`Int8Linear`] packed for `backend`. `stats` must describe the model as it
 /// is now (smoothed statistics for a smoothed model); only static activations read them.

@@ -3,8 +3,8 @@
 use sq_calib::{calibrate, CalibConfig};
 use sq_model::{load, load_hf_dir, Logits, Model};
 use sq_smooth::{
-    quantize_model, save_native, smooth_model, smoothing_groups, AlphaSpec, ExportInfo, Recipe,
-    SmoothTargets,
+    quantize_lm_head, quantize_model, save_native, smooth_model, smoothing_groups, AlphaSpec,
+    ExportInfo, LmHead, Recipe, SmoothTargets,
 };
 use std::path::PathBuf;
 
@@ -28,19 +28,24 @@ fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
 #[test]
 fn native_checkpoints_reload_bit_identically() {
     let backend = sq_kernels::select_backend().unwrap();
-    // (fixture, recipe, smoothed, INT8 attention)
+    let (fp32, int8) = (LmHead::Fp32, LmHead::Int8);
+    // (fixture, recipe, smoothed, INT8 attention, LM head)
     let cases = [
-        ("llama-gqa", Recipe::CHANNEL_TOKEN, true, false),
-        ("opt-prenorm", Recipe::O3, true, false),
-        ("bloom", Recipe::O2, true, false),
-        ("llama-tied-bf16", Recipe::O1, true, false),
-        ("opt-postnorm", Recipe::O3, true, false),
-        ("opt-prenorm", Recipe::CHANNEL_TOKEN, false, false),
-        ("llama-gqa", Recipe::CHANNEL_TOKEN, true, true),
-        ("opt-prenorm", Recipe::O3, true, true),
-        ("bloom", Recipe::O2, false, true),
+        ("llama-gqa", Recipe::CHANNEL_TOKEN, true, false, fp32),
+        ("opt-prenorm", Recipe::O3, true, false, fp32),
+        ("bloom", Recipe::O2, true, false, fp32),
+        ("llama-tied-bf16", Recipe::O1, true, false, fp32),
+        ("opt-postnorm", Recipe::O3, true, false, fp32),
+        ("opt-prenorm", Recipe::CHANNEL_TOKEN, false, false, fp32),
+        ("llama-gqa", Recipe::CHANNEL_TOKEN, true, true, fp32),
+        ("opt-prenorm", Recipe::O3, true, true, fp32),
+        ("bloom", Recipe::O2, false, true, fp32),
+        // INT8 LM head: untied, and tied (the embedding then reads the head's INT8 rows).
+        ("llama-gqa", Recipe::O3, true, false, int8),
+        ("llama-tied-bf16", Recipe::CHANNEL_TOKEN, true, false, int8),
+        ("bloom", Recipe::O1, false, true, int8),
     ];
-    for (name, recipe, smooth, int8_attention) in cases {
+    for (name, recipe, smooth, int8_attention, lm_head) in cases {
         let mut fp = load_hf_dir(&fixture(name)).unwrap();
         let mut ids = fp
             .tokenizer
@@ -74,6 +79,7 @@ fn native_checkpoints_reload_bit_identically() {
             tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
             extra_files: vec![],
             max_shard_bytes: None,
+            lm_head,
         };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("w8a8");
@@ -116,6 +122,18 @@ fn native_checkpoints_reload_bit_identically() {
         if int8_attention {
             fp.model.attention = sq_model::AttentionMode::Int8(backend.clone());
         }
+        if lm_head == LmHead::Int8 {
+            quantize_lm_head(&mut fp.model, backend.clone()).unwrap();
+            assert!(reloaded.model.lm_head.linear.kind().starts_with("w8a8"));
+        }
+        assert_eq!(
+            reloaded.model.embed.in_lm_head, fp.model.embed.in_lm_head,
+            "{name}"
+        );
+        assert_eq!(
+            fp.model.embed.in_lm_head, fp.model.config.tie_word_embeddings,
+            "{name}: a tied model holds its table once"
+        );
         let expected = if smooth && name.starts_with("bloom") {
             fp.model.layers.len()
         } else {
@@ -159,6 +177,7 @@ fn corrupted_quantized_checkpoints_are_named_errors() {
         tokenizer_json: fp.tokenizer.to_hf_json().unwrap(),
         extra_files: vec![],
         max_shard_bytes: None,
+        lm_head: Default::default(),
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("q");

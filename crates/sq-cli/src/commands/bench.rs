@@ -1,6 +1,6 @@
 use super::common::{
-    model_label, peak_rss_bytes, print_json, require_runnable, show_progress, spinner,
-    stats_if_needed, Scheme,
+    model_label, peak_rss_bytes, print_json, release_free_memory, require_runnable, reset_peak_rss,
+    rss_bytes, show_progress, spinner, stats_if_needed, Scheme,
 };
 use super::pipeline::build;
 use crate::args::BenchArgs;
@@ -67,9 +67,15 @@ pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
     let mut rows = Vec::new();
     let mut label = String::new();
     for scheme in &schemes {
+        // Each scheme's memory alone: the previous scheme's model is dropped by now.
+        release_free_memory();
+        reset_peak_rss();
         let loaded = build(*scheme, &a.model, &a.quant, stats.as_ref(), show)?.loaded;
         label = model_label(&loaded);
         let model = super::gpu::runner(&loaded.model, device, show)?;
+        // What the loaded model holds, without the load's freed buffers.
+        release_free_memory();
+        let loaded_rss = rss_bytes();
         let context = model.config().max_position_embeddings;
         for &len in &a.prompt_len {
             if len + a.gen_tokens > context {
@@ -101,6 +107,7 @@ pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
             row.insert("prefill_tokens_per_s".into(), prefill.into());
             row.insert("decode_tokens_per_s".into(), decode.into());
             row.insert("peak_rss_bytes".into(), peak_rss_bytes().into());
+            row.insert("loaded_rss_bytes".into(), loaded_rss.into());
             row.insert("model_bytes".into(), model.weight_bytes().into());
             row.insert(
                 "int8_attention".into(),
@@ -134,19 +141,20 @@ pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
         a.gen_tokens
     );
     println!(
-        "{:<12} {:<5} {:>10} {:>14} {:>14} {:>12} {:>12} {:>10}",
+        "{:<12} {:<5} {:>10} {:>14} {:>14} {:>12} {:>14} {:>12} {:>10}",
         "scheme",
         "attn",
         "prompt",
         "prefill tok/s",
         "decode tok/s",
         "peak RSS MB",
+        "loaded RSS MB",
         "model MB",
         "KV MB"
     );
     for r in report["results"].as_array().into_iter().flatten() {
         println!(
-            "{:<12} {:<5} {:>10} {:>14.1} {:>14.1} {:>12.1} {:>12.1} {:>10.1}",
+            "{:<12} {:<5} {:>10} {:>14.1} {:>14.1} {:>12.1} {:>14.1} {:>12.1} {:>10.1}",
             r["scheme"].as_str().unwrap_or(""),
             if r["int8_attention"].as_bool() == Some(true) {
                 "int8"
@@ -157,6 +165,7 @@ pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
             r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            r["loaded_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
             r["model_bytes"].as_f64().unwrap_or(0.0) / 1e6,
             r["kv_cache_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         );

@@ -80,6 +80,7 @@ fn quant_args(a: &InspectArgs) -> crate::args::QuantArgs {
         calib: a.calib.clone(),
         act_scales: a.act_scales.clone(),
         int8_attention: false,
+        lm_head: crate::args::LmHeadArg::Fp32,
     }
 }
 
@@ -232,7 +233,10 @@ fn tensor_rows(m: &Model) -> (Vec<TensorRow>, bool) {
         shape: format!("{} x {}", e.weight.len() / e.dim.max(1), e.dim),
         kind: "embedding".into(),
     };
-    let mut rows = vec![emb(&m.embed)];
+    let mut rows = vec![TensorRow {
+        shape: format!("{} x {}", m.embedding_rows(), m.embed.dim),
+        ..emb(&m.embed)
+    }];
     rows.extend(m.pos_embed.iter().map(emb));
     rows.extend(m.embed_norm.iter().map(norm_row));
     rows.extend(m.project_in.iter().map(linear_row));

@@ -291,9 +291,17 @@ pub fn build(
 ) -> Result<Built> {
     let mut loaded = load_model(model, show)?;
     let mut smoothing = Vec::new();
-    if loaded.quantization.is_some() {
+    if let Some(qc) = &loaded.quantization {
         // A checkpoint written by `quantize` already runs INT8 (schemes_for checked the scheme);
         // its attention is INT8 when it records so, or when asked now (the scales are dynamic).
+        let head = qc.extra.get("lm_head").and_then(|v| v.as_str());
+        if q.lm_head == crate::args::LmHeadArg::Int8 && head != Some("int8") {
+            bail!(
+                "--lm-head int8: {} was quantized with a full-precision LM head; quantize it again \
+                 with --lm-head int8, or drop the option",
+                loaded.source.display()
+            );
+        }
         if q.int8_attention {
             loaded.model.attention = sq_model::AttentionMode::Int8(sq_kernels::select_backend()?);
         }
@@ -330,6 +338,9 @@ pub fn build(
             pb.set_position(d as u64);
         },
     )?;
+    if sq_smooth::LmHead::from(q.lm_head) == sq_smooth::LmHead::Int8 {
+        sq_smooth::quantize_lm_head(&mut loaded.model, backend.clone())?;
+    }
     pb.finish_and_clear();
     if q.int8_attention {
         loaded.model.attention = sq_model::AttentionMode::Int8(backend);
@@ -361,6 +372,10 @@ pub fn scheme_fields_for(
         if let Some(a) = qc.extra.get("alphas") {
             m.insert("alphas".into(), a.clone());
         }
+        m.insert(
+            "lm_head".into(),
+            qc.extra.get("lm_head").cloned().unwrap_or("fp32".into()),
+        );
         return Ok(m);
     }
     let mut m = serde_json::Map::new();
@@ -383,5 +398,13 @@ pub fn scheme_fields_for(
     };
     m.insert("alpha".into(), alpha);
     m.insert("smooth_targets".into(), targets);
+    m.insert(
+        "lm_head".into(),
+        match scheme {
+            Scheme::Fp32 => "fp32",
+            _ => sq_smooth::LmHead::from(q.lm_head).name(),
+        }
+        .into(),
+    );
     Ok(m)
 }

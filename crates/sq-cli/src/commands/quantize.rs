@@ -288,6 +288,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         tokenizer_json,
         extra_files,
         max_shard_bytes: Some(a.shard_size),
+        lm_head: a.quant.lm_head.into(),
     };
     let pb = spinner(&format!("writing {}", a.out.display()), show);
     let mut streamed_report = None;

@@ -238,6 +238,36 @@ impl PackedInt8 {
         }
     }
 
+    /// Row `r` dequantized (`w_q[r, :] * scale[r]`, `k` values) into `out`: a tied embedding's
+    /// lookup reads the INT8 LM head instead of holding an f32 table.
+    pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        const OP: &str = "PackedInt8::dequantize_row_into";
+        let (n, k) = (self.n, self.k);
+        if r >= n {
+            return Err(KernelError::ShapeMismatch {
+                op: OP,
+                detail: format!("row {r} of a [{n}, {k}] weight"),
+            });
+        }
+        check_len(OP, "out", || format!("[{k}]"), k, out.len())?;
+        let scale = self.col_scales[r];
+        match &self.data {
+            PackedData::RowMajor(w) => {
+                for (o, &v) in out.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+                    *o = v as f32 * scale;
+                }
+            }
+            PackedData::Panels(lines) => {
+                let panel = &lines[(r / PANEL_COLS) * pack::k_groups(k)..];
+                let c = r % PANEL_COLS;
+                for (kk, o) in out.iter_mut().enumerate() {
+                    *o = ((panel[kk / 4].0[c * 4 + kk % 4] ^ 0x80) as i8) as f32 * scale;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of packed weight data (what a GEMM streams from memory).
     pub fn weight_bytes(&self) -> usize {
         match &self.data {
