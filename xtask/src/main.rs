@@ -309,14 +309,9 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
                 model_bench::run(root, &model)?;
                 return Ok(());
             }
-            let threads = match threads {
-                Some(0) => bail!("--threads must be at least 1"),
-                Some(t) => t,
-                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            };
-            let gemm =
-                sq_kernels::bench::run_gemm_suite(threads).context("running the GEMM benchmark")?;
-            let mut report: serde_json::Value = serde_json::from_str(&gemm.to_json())?;
+            let gemm = gemm_bench::report(threads, true)?;
+            let mut report: serde_json::Value =
+                serde_json::from_str(&gemm).context("parsing the GEMM benchmark's JSON")?;
             report["model"] = model_bench::run(root, &model)?;
             println!("{report}");
             Ok(())

@@ -185,7 +185,7 @@ pub fn peak_f32_gflops(threads: usize) -> Option<f64> {
     }
 }
 
-/// Sums `data` as u64 words with 4 independent lanes (the read kernel of the bandwidth test).
+/// Sums `data` as u64 words with 8 independent lanes (the read kernel of the bandwidth test).
 fn read_sum(data: &[u64]) -> u64 {
     let mut acc = [0u64; 8];
     let chunks = data.chunks_exact(8);
@@ -198,8 +198,29 @@ fn read_sum(data: &[u64]) -> u64 {
     acc.iter().fold(rest, |s, &v| s.wrapping_add(v))
 }
 
+/// Sums `data` as `STREAMS` contiguous parts read side by side, a line of each in turn: one
+/// core keeps more misses in flight on several sequential streams than on one (the GEMM
+/// reads several weight panels at once), so this is the stronger baseline.
+fn read_sum_streams<const STREAMS: usize>(data: &[u64]) -> u64 {
+    let part = data.len() / STREAMS / 8 * 8;
+    let mut acc = [[0u64; 8]; STREAMS];
+    for at in (0..part).step_by(8) {
+        for (s, acc_s) in acc.iter_mut().enumerate() {
+            for (a, &v) in acc_s
+                .iter_mut()
+                .zip(&data[s * part + at..s * part + at + 8])
+            {
+                *a = a.wrapping_add(v);
+            }
+        }
+    }
+    let rest = read_sum(&data[STREAMS * part..]);
+    acc.iter().flatten().fold(rest, |s, &v| s.wrapping_add(v))
+}
+
 /// Memory read bandwidth in GB/s: `threads` threads each stream their share of a buffer of
-/// `bytes` (use several times the last-level cache), best of `repeats` passes.
+/// `bytes` (use several times the last-level cache), best of `repeats` passes, each pass
+/// timed once reading each share as one stream and once as four side by side.
 pub fn read_bandwidth_gb_per_s(threads: usize, bytes: usize, repeats: usize) -> f64 {
     let threads = threads.max(1);
     let words = (bytes / 8).max(threads * 8);
@@ -207,12 +228,19 @@ pub fn read_bandwidth_gb_per_s(threads: usize, bytes: usize, repeats: usize) -> 
     let share = words.div_ceil(threads);
     let mut best = f64::INFINITY;
     for _ in 0..repeats.max(1) {
-        let secs = on_threads(threads, |t| {
-            let lo = (t * share).min(words);
-            let hi = ((t + 1) * share).min(words);
-            black_box(read_sum(black_box(&data[lo..hi])));
-        });
-        best = best.min(secs);
+        for streams in [1, 4] {
+            let secs = on_threads(threads, |t| {
+                let lo = (t * share).min(words);
+                let hi = ((t + 1) * share).min(words);
+                let part = black_box(&data[lo..hi]);
+                black_box(if streams == 1 {
+                    read_sum(part)
+                } else {
+                    read_sum_streams::<4>(part)
+                });
+            });
+            best = best.min(secs);
+        }
     }
     (words * 8) as f64 / best / 1e9
 }
@@ -546,5 +574,24 @@ impl GemmReport {
             ));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_stream_read_sums_every_word_once() {
+        for len in [0usize, 1, 7, 31, 32, 33, 1000, 4099] {
+            let data: Vec<u64> = (0..len as u64).map(|v| v * 2654435761 + 1).collect();
+            let want = data.iter().fold(0u64, |s, &v| s.wrapping_add(v));
+            assert_eq!(read_sum(&data), want, "one stream, len {len}");
+            assert_eq!(
+                read_sum_streams::<4>(&data),
+                want,
+                "four streams, len {len}"
+            );
+        }
     }
 }

@@ -126,6 +126,8 @@ pub(crate) struct TileAt {
     /// read unless `g_lo == 0`, written unless the block is the last. Null when k is one block.
     pub partial: *mut i32,
     pub ld_partial: usize,
+    /// Lines ahead to prefetch in each panel (0: none).
+    pub prefetch: usize,
 }
 
 impl TileAt {
@@ -157,6 +159,9 @@ pub(crate) trait TileKernel: Sync {
     const MC: usize;
     /// Groups of 4 k per k block, sized so `NV` panels of one block stay in L1.
     const KC_GROUPS: usize;
+    /// How many lines ahead, in each panel, a tile prefetches when the weights stream from
+    /// DRAM (decode-sized m); 0 where the kernel does not prefetch.
+    const PREFETCH_LINES: usize = 0;
 
     /// Computes rows `at.i0..at.i0 + rows` against panels `at.p0..at.p0 + panels` over the
     /// groups of `at`, then stores partial sums or (last block) writes through the epilogue.
@@ -215,7 +220,16 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
     let n_blocks = panels.div_ceil(np);
     let tasks = m_blocks * n_blocks;
 
-    let kc = K::KC_GROUPS;
+    // Decode-sized m: each weight line is used by at most two row tiles, so the weights stream
+    // from DRAM once. One k block keeps every panel a single long sequential stream (k blocks
+    // would restart the hardware prefetcher every KC groups), and software prefetch runs ahead.
+    let streaming = m <= 2 * K::MR;
+    let kc = if streaming {
+        ctx.groups.max(1)
+    } else {
+        K::KC_GROUPS
+    };
+    let prefetch = if streaming { K::PREFETCH_LINES } else { 0 };
     let k_blocks = ctx.groups.div_ceil(kc).max(1);
     let ld_partial = np * PANEL_COLS;
 
@@ -242,6 +256,7 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
                             }
                         },
                         ld_partial,
+                        prefetch,
                     };
                     // SAFETY: rows and panels are inside the validated problem.
                     unsafe { kern.tile(ctx, &at, rows, pn) };

@@ -36,6 +36,9 @@ impl TileKernel for Avx512Vnni {
     const MC: usize = 64;
     // 3 panels x 128 lines = 24 KiB of weights per k block: stays in a 32 KiB L1D.
     const KC_GROUPS: usize = 128;
+    // 2 KiB ahead in each of the 3 panel streams: about DRAM latency x bandwidth in flight
+    // (measured on Zen 5: m = 16 at 604 GOPS with it, 558 without, 399 with k blocks).
+    const PREFETCH_LINES: usize = 32;
 
     unsafe fn tile(&self, ctx: &TileCtx, at: &TileAt, rows: usize, panels: usize) {
         dispatch_tile!(tile_512(ctx, at), rows, panels, [1 2 3 4 5 6 7 8], [1 2 3]);
@@ -77,7 +80,13 @@ unsafe fn tile_512<const R: usize, const V: usize>(ctx: &TileCtx, at: &TileAt) {
     let stride = ctx.groups;
     let b0 = ctx.panels.add(p0 * stride);
     let a0 = ctx.a.add(i0 * ctx.lda);
+    let pf = at.prefetch;
     for g in at.full_groups(ctx) {
+        if pf != 0 {
+            for v in 0..V {
+                _mm_prefetch::<_MM_HINT_T0>(b0.add(v * stride + g + pf) as *const i8);
+            }
+        }
         let mut b = [_mm512_setzero_si512(); V];
         for (v, bv) in b.iter_mut().enumerate() {
             *bv = _mm512_load_si512(b0.add(v * stride + g) as *const _);
