@@ -440,6 +440,9 @@ thread_local! {
 /// Rows below which the fused norm + quantize pass runs on the calling thread.
 const NORM_PARALLEL_ROWS: usize = 8;
 
+/// One row of [`each_normed_row`]: input, kept norm output, codes and scale slot.
+type NormedRow<'r> = ((&'r [f32], &'r mut [f32]), (&'r mut [i8], &'r mut f32));
+
 /// For each row of `x` (`[m, k]`): normalize it (into its row of `normed` when given, else into
 /// a thread-local row) and hand the normalized row to `f` with its row of `q` and `aux[row]`.
 fn each_normed_row<F>(
@@ -457,7 +460,7 @@ where
     let m = aux.len();
     match normed {
         Some(normed) => {
-            let row = |((xr, nr), (qr, a)): ((&[f32], &mut [f32]), (&mut [i8], &mut f32))| {
+            let row = |((xr, nr), (qr, a)): NormedRow<'_>| {
                 norm.forward_row(xr, nr);
                 f(nr, qr, a)
             };
