@@ -84,9 +84,9 @@ pub use int8::{
     PackedInt8, PackedLayout, Portable, Reference, WeightScales, MAX_K, PANEL_COLS,
 };
 pub use quantize::{
-    dequantize_per_row, quantize_per_tensor, quantize_per_tensor_smoothed, quantize_per_token,
-    quantize_per_token_smoothed, quantize_static, quantize_static_smoothed,
-    quantize_weights_per_channel, quantize_weights_per_tensor,
+    absmax, dequantize_per_row, quantize_per_tensor, quantize_per_tensor_smoothed,
+    quantize_per_token, quantize_per_token_smoothed, quantize_static, quantize_static_smoothed,
+    quantize_weights_per_channel, quantize_weights_per_tensor, quantize_with_absmax,
 };
 
 /// Compiles and runs the README's Rust examples as doctests.

@@ -262,6 +262,32 @@ pub fn quantize_per_tensor(x: &[f32], q: &mut [i8]) -> Result<f32> {
     Ok(scale)
 }
 
+/// Largest `|x|` (NaN ignored): the dispatched reduction the dynamic quantizers use. The
+/// largest magnitude of a tensor is the largest of its parts', so a caller producing a tensor
+/// piece by piece (a norm fused with its quantizer) can reduce as it goes.
+pub fn absmax(x: &[f32]) -> f32 {
+    absmax_with(best_impl(), x, None)
+}
+
+/// Dynamic per-tensor quantization of `x`, one part of a tensor whose largest magnitude (over
+/// every part, [`absmax`]) is `absmax`: the same codes [`quantize_per_tensor`] gives these
+/// elements when run on the whole tensor. Returns the tensor's scale.
+pub fn quantize_with_absmax(x: &[f32], absmax: f32, q: &mut [i8]) -> Result<f32> {
+    const OP: &str = "quantize_with_absmax";
+    check_len(OP, "q", || format!("[{}]", x.len()), x.len(), q.len())?;
+    check_finite_absmax(OP, "the tensor", absmax)?;
+    if absmax < 0.0 {
+        return Err(KernelError::InvalidScale {
+            op: OP,
+            what: "the tensor's largest magnitude (must not be negative)",
+            value: absmax,
+        });
+    }
+    let (scale, inv) = scale_for_absmax(absmax);
+    quantize_row_with(best_impl(), x, None, inv, q);
+    Ok(scale)
+}
+
 /// Dynamic per-tensor quantization of `x [m, k] · diag(inv_smooth)` (a run-time smoothing
 /// divide, `inv_smooth = 1 / s`) in one pass over the rows; returns the tensor's scale. Equals
 /// multiplying the columns first and then [`quantize_per_tensor`], bit for bit.

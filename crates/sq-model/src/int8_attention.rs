@@ -148,6 +148,9 @@ pub struct Int8AttentionScratch {
     out_acc: Vec<i32>,
 }
 
+/// Query rows per causal block of [`attention_int8`].
+const CAUSAL_BLOCK: usize = 64;
+
 fn grow<T: Clone + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
     if buf.len() < len {
         buf.resize(len, T::default());
@@ -224,79 +227,98 @@ pub fn attention_int8(
     let q_width = heads * hd;
     let group = heads / kv_heads;
     let t = q.len() / q_width;
-    // Keys before the first row's window are masked for every row: skip them.
-    let k0 = first_key(pos0, sliding_window);
-    let nk = pos0 + t - k0;
 
-    // Q per (token, head), then head-major so that the `group` heads sharing a KV head are one
-    // `[group * t, head_dim]` matrix.
+    // Q per (token, head), then KV-head-major `[kv_heads, tokens, group, head_dim]`, so that the
+    // `group` heads sharing a KV head over a block of tokens are one `[rows * group, head_dim]`
+    // matrix.
     let q_tm = grow(&mut scratch.q_token_major, t * q_width);
     let q_scales = grow(&mut scratch.q_scales, t * heads);
     quantize_per_token(q, t * heads, hd, q_tm, q_scales)?;
     let q_hm = grow(&mut scratch.q_head_major, t * q_width);
-    for (h, dst) in q_hm.chunks_exact_mut(t * hd).enumerate() {
-        for (i, d) in dst.chunks_exact_mut(hd).enumerate() {
-            d.copy_from_slice(&q_tm[i * q_width + h * hd..][..hd]);
+    let gw = group * hd;
+    for (g, dst) in q_hm.chunks_exact_mut(t * gw).enumerate() {
+        for (i, d) in dst.chunks_exact_mut(gw).enumerate() {
+            d.copy_from_slice(&q_tm[i * q_width + g * gw..][..gw]);
         }
     }
-
-    // One KV head per batch entry: `[keys, head_dim]` rows strided by the cache's row width.
-    let cache = |codes| -> BatchedI8<'_> { cache_heads(codes, k0, nk, kv_heads, hd) };
-    let acc = grow(&mut scratch.scores_acc, heads * t * nk);
-    backend.bmm(
-        BatchedI8::contiguous(q_hm, kv_heads, group * t, hd),
-        cache(kv.keys),
-        true,
-        BmmOutput::i32(acc, group * t, nk),
-    )?;
-
-    // Scores, softmax, and V's scales folded into the probabilities; row (h, i).
-    let probs = grow(&mut scratch.probs, heads * t * nk);
     let q_scales = &*q_scales;
-    probs
-        .par_chunks_mut(nk)
-        .zip(acc.par_chunks(nk))
-        .enumerate()
-        .with_min_len(4)
-        .for_each(|(r, (p, a))| {
-            let (h, i) = (r / t, r % t);
-            let g = h / group;
-            let pos = pos0 + i;
-            let dq = q_scales[i * heads + h];
-            for (j, (s, &acc)) in p.iter_mut().zip(a).enumerate() {
-                let kp = k0 + j;
-                let mut v = acc as f32 * (dq * kv.key_scales[kp * kv_heads + g]) * scale;
-                if let Some(slopes) = alibi {
-                    v += slopes[h] * kp as f32;
-                }
-                *s = v;
-            }
-            let valid = first_key(pos, sliding_window) - k0..pos + 1 - k0;
-            softmax_fold(p, valid, |j| kv.value_scales[(k0 + j) * kv_heads + g]);
-        });
-    let probs_q = grow(&mut scratch.probs_q, heads * t * nk);
-    let probs_scales = grow(&mut scratch.probs_scales, heads * t);
-    quantize_per_token(probs, heads * t, nk, probs_q, probs_scales)?;
 
-    let out_acc = grow(&mut scratch.out_acc, heads * t * hd);
-    backend.bmm(
-        BatchedI8::contiguous(probs_q, kv_heads, group * t, nk),
-        cache(kv.values),
-        false,
-        BmmOutput::i32(out_acc, group * t, hd),
-    )?;
-    let probs_scales = &*probs_scales;
-    out.par_chunks_mut(q_width)
-        .enumerate()
-        .for_each(|(i, o_row)| {
-            for (h, o) in o_row.chunks_exact_mut(hd).enumerate() {
-                let r = h * t + i;
-                let dp = probs_scales[r];
-                for (o, &a) in o.iter_mut().zip(&out_acc[r * hd..(r + 1) * hd]) {
-                    *o = a as f32 * dp;
+    // Causal blocks of query rows: a block needs only the keys up to its last position (and
+    // from its first row's window start), so the masked upper triangle of a prompt is neither
+    // multiplied nor passed through the softmax. Every row sees the same values as with one
+    // block for all rows (masked entries are zeros that change no row's scale).
+    for r0 in (0..t).step_by(CAUSAL_BLOCK) {
+        let r1 = (r0 + CAUSAL_BLOCK).min(t);
+        let rows = (r1 - r0) * group;
+        let k0 = first_key(pos0 + r0, sliding_window);
+        let nk = pos0 + r1 - k0;
+        // One KV head per batch entry: `[keys, head_dim]` rows strided by the cache's width.
+        let cache = |codes| -> BatchedI8<'_> { cache_heads(codes, k0, nk, kv_heads, hd) };
+        let acc = grow(&mut scratch.scores_acc, kv_heads * rows * nk);
+        backend.bmm(
+            BatchedI8 {
+                data: &q_hm[r0 * gw..],
+                batch: kv_heads,
+                rows,
+                cols: hd,
+                batch_stride: t * gw,
+                row_stride: hd,
+            },
+            cache(kv.keys),
+            true,
+            BmmOutput::i32(acc, rows, nk),
+        )?;
+
+        // Scores, softmax, and V's scales folded into the probabilities; row (g, i, gi).
+        let probs = grow(&mut scratch.probs, kv_heads * rows * nk);
+        probs
+            .par_chunks_mut(nk)
+            .zip(acc.par_chunks(nk))
+            .enumerate()
+            .with_min_len(4)
+            .for_each(|(r, (p, a))| {
+                let (g, rem) = (r / rows, r % rows);
+                let (i, h) = (r0 + rem / group, g * group + rem % group);
+                let pos = pos0 + i;
+                let dq = q_scales[i * heads + h];
+                for (j, (s, &acc)) in p.iter_mut().zip(a).enumerate() {
+                    let kp = k0 + j;
+                    let mut v = acc as f32 * (dq * kv.key_scales[kp * kv_heads + g]) * scale;
+                    if let Some(slopes) = alibi {
+                        v += slopes[h] * kp as f32;
+                    }
+                    *s = v;
                 }
-            }
-        });
+                let valid = first_key(pos, sliding_window) - k0..pos + 1 - k0;
+                softmax_fold(p, valid, |j| kv.value_scales[(k0 + j) * kv_heads + g]);
+            });
+        let probs_q = grow(&mut scratch.probs_q, kv_heads * rows * nk);
+        let probs_scales = grow(&mut scratch.probs_scales, kv_heads * rows);
+        quantize_per_token(probs, kv_heads * rows, nk, probs_q, probs_scales)?;
+
+        let out_acc = grow(&mut scratch.out_acc, kv_heads * rows * hd);
+        backend.bmm(
+            BatchedI8::contiguous(probs_q, kv_heads, rows, nk),
+            cache(kv.values),
+            false,
+            BmmOutput::i32(out_acc, rows, hd),
+        )?;
+        let probs_scales = &*probs_scales;
+        let out_acc = &*out_acc;
+        out[r0 * q_width..r1 * q_width]
+            .par_chunks_mut(q_width)
+            .enumerate()
+            .for_each(|(i, o_row)| {
+                for (h, o) in o_row.chunks_exact_mut(hd).enumerate() {
+                    let (g, gi) = (h / group, h % group);
+                    let r = g * rows + i * group + gi;
+                    let dp = probs_scales[r];
+                    for (o, &a) in o.iter_mut().zip(&out_acc[r * hd..(r + 1) * hd]) {
+                        *o = a as f32 * dp;
+                    }
+                }
+            });
+    }
     Ok(())
 }
 
@@ -412,6 +434,9 @@ mod tests {
                 (3, 33, None, true),
                 (9, 1, None, false),
                 (30, 1, Some(4), true),
+                // Several causal blocks of query rows.
+                (0, 150, None, false),
+                (9, 131, Some(40), true),
             ] {
                 let n = pos0 + t;
                 let store = cache(kv_heads, hd, n, &[n]);

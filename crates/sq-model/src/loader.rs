@@ -101,6 +101,19 @@ pub fn build_shell(
     }
 }
 
+/// Decoder layer `i` (full precision) of the architecture `cfg` describes.
+pub(crate) fn build_block(
+    cfg: &crate::config::ModelConfig,
+    weights: &dyn WeightSource,
+    i: usize,
+) -> Result<crate::model::Block> {
+    match cfg.architecture {
+        Architecture::Llama => llama::block(cfg, weights, i),
+        Architecture::Opt => opt::block(cfg, weights, i),
+        Architecture::Bloom => bloom::block(cfg, weights, i),
+    }
+}
+
 /// A model read one decoder layer at a time: the shell (embeddings, final norm, LM head) in
 /// memory, each layer built from its weights on demand and dropped by the caller. With a
 /// Hugging Face directory the weights stay memory-mapped and [`LayeredModel::release_pages`]
@@ -209,11 +222,7 @@ impl LayeredModel {
             )));
         }
         let _span = tracing::debug_span!("read_layer", index = i).entered();
-        match cfg.architecture {
-            Architecture::Llama => llama::block(cfg, self.weights.as_ref(), i),
-            Architecture::Opt => opt::block(cfg, self.weights.as_ref(), i),
-            Architecture::Bloom => bloom::block(cfg, self.weights.as_ref(), i),
-        }
+        build_block(cfg, self.weights.as_ref(), i)
     }
 
     /// Drop the mapped pages of the weights read so far (after each layer).

@@ -626,33 +626,50 @@ impl Model {
         let h = cfg.hidden_size;
         let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
         let b = &mut session.bufs;
-        let hidden = &mut b.hidden[..t * h];
+        let hidden = &b.hidden[..t * h];
         let normed = grow(&mut b.normed, t * h);
-        let attn_in: &[f32] = if cfg.pre_norm {
-            block.attn_norm.forward(hidden, normed);
-            normed
-        } else {
-            hidden
-        };
         let q = grow(&mut b.q, t * qd);
         let k = grow(&mut b.k, t * kvd);
         let v = grow(&mut b.v, t * kvd);
+        // Pre-norm: the norm feeds the projections (fused with their input quantization when
+        // they are W8A8); its f32 output is kept only when the residual reads it (BLOOM).
+        let keep_normed = cfg.residual_from_norm;
         match &block.qkv {
             QkvProj::Separate {
                 q: qp,
                 k: kp,
                 v: vp,
             } => {
-                crate::quant::forward_same_input(
-                    &[qp, kp, vp],
-                    attn_in,
-                    t,
-                    &mut [&mut *q, &mut *k, &mut *v],
-                )?;
+                let outs = &mut [&mut *q, &mut *k, &mut *v];
+                if cfg.pre_norm {
+                    crate::quant::forward_normed(
+                        &block.attn_norm,
+                        &[qp, kp, vp],
+                        hidden,
+                        t,
+                        normed,
+                        keep_normed,
+                        outs,
+                    )?;
+                } else {
+                    crate::quant::forward_same_input(&[qp, kp, vp], hidden, t, outs)?;
+                }
             }
             QkvProj::BloomFused(p) => {
                 let fused = grow(&mut b.qkv, t * 3 * h);
-                p.forward(attn_in, t, fused)?;
+                if cfg.pre_norm {
+                    crate::quant::forward_normed(
+                        &block.attn_norm,
+                        &[p],
+                        hidden,
+                        t,
+                        normed,
+                        keep_normed,
+                        &mut [&mut *fused],
+                    )?;
+                } else {
+                    p.forward(hidden, t, fused)?;
+                }
                 let heads = cfg.num_heads;
                 for (r, row) in fused.chunks_exact(3 * h).enumerate() {
                     for hh in 0..heads {
@@ -748,32 +765,54 @@ impl Model {
     fn mlp_block(&self, block: &Block, t: usize, b: &mut Buffers) -> Result<()> {
         let cfg = &self.config;
         let h = cfg.hidden_size;
-        let hidden = &mut b.hidden[..t * h];
+        let hidden = &b.hidden[..t * h];
         let normed = grow(&mut b.normed, t * h);
-        let mlp_in: &[f32] = if cfg.pre_norm {
-            block.mlp_norm.forward(hidden, normed);
-            normed
-        } else {
-            hidden
-        };
-        let proj = grow(&mut b.proj, t * h);
+        let keep_normed = cfg.residual_from_norm;
+        let norm = &block.mlp_norm;
         match &block.mlp {
             Mlp::Gated { gate, up, down } => {
                 let inter = gate.linear.out_features();
                 let a = grow(&mut b.mlp_a, t * inter);
                 let u = grow(&mut b.mlp_b, t * inter);
-                crate::quant::forward_same_input(&[gate, up], mlp_in, t, &mut [&mut *a, &mut *u])?;
+                let outs = &mut [&mut *a, &mut *u];
+                if cfg.pre_norm {
+                    crate::quant::forward_normed(
+                        norm,
+                        &[gate, up],
+                        hidden,
+                        t,
+                        normed,
+                        keep_normed,
+                        outs,
+                    )?;
+                } else {
+                    crate::quant::forward_same_input(&[gate, up], hidden, t, outs)?;
+                }
                 activate(cfg.activation, a);
                 for (x, y) in a.iter_mut().zip(u.iter()) {
                     *x *= y;
                 }
+                let proj = grow(&mut b.proj, t * h);
                 down.forward(a, t, proj)?;
             }
             Mlp::Plain { fc1, fc2 } => {
                 let inter = fc1.linear.out_features();
                 let a = grow(&mut b.mlp_a, t * inter);
-                fc1.forward(mlp_in, t, a)?;
+                if cfg.pre_norm {
+                    crate::quant::forward_normed(
+                        norm,
+                        &[fc1],
+                        hidden,
+                        t,
+                        normed,
+                        keep_normed,
+                        &mut [&mut *a],
+                    )?;
+                } else {
+                    fc1.forward(hidden, t, a)?;
+                }
                 activate(cfg.activation, a);
+                let proj = grow(&mut b.proj, t * h);
                 fc2.forward(a, t, proj)?;
             }
         }

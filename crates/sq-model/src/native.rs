@@ -6,7 +6,8 @@
 
 use crate::config::read_config_json;
 use crate::linear::Linear;
-use crate::loader::{build_model, LoadedModel};
+use crate::linear::NamedLinear;
+use crate::loader::{build_block, build_shell, LoadedModel};
 use crate::quant::{ActQuant, Int8Linear, WeightGranularity};
 use crate::tokenizer::HfTokenizer;
 use crate::{ModelError, Result};
@@ -72,15 +73,26 @@ fn int8_head(
         .as_fp()
         .ok_or_else(|| bad(format!("`{name}` is not a plain Linear")))?;
     let (n, k) = (fp.out_features(), fp.in_features());
-    let values = fp.weight();
-    let mut w_q = Vec::with_capacity(values.len());
-    for (i, &v) in values.iter().enumerate() {
-        if v.fract() != 0.0 || !(-128.0..=127.0).contains(&v) {
-            return Err(bad(format!(
-                "the INT8 LM head's weight holds {v} at index {i}, not an INT8 value"
-            )));
-        }
-        w_q.push(v as i8);
+    // The INT8 codes as stored (tied: under the embedding's name), read without an f32 copy.
+    let weight_name = if model.config.tie_word_embeddings {
+        format!("{}.weight", model.embed.name)
+    } else {
+        format!("{name}.weight")
+    };
+    let weight = ckpt.tensor(&weight_name)?;
+    let w_q = weight.to_vec::<i8>().map_err(|_| {
+        bad(format!(
+            "`{weight_name}` is {}, expected the INT8 LM head's i8 codes",
+            weight.dtype()
+        ))
+    })?;
+    if w_q.len() != n * k {
+        return Err(ModelError::TensorShape {
+            path: dir.to_path_buf(),
+            name: weight_name,
+            expected: vec![n, k],
+            actual: weight.shape().to_vec(),
+        });
     }
     let scale_name = format!("{name}.weight_scale");
     let scales = ckpt.tensor(&scale_name)?.to_f32_vec()?;
@@ -114,6 +126,108 @@ fn int8_head(
     Ok(())
 }
 
+/// Replace the FP `linear` (built from the checkpoint's INT8 values read as f32) by its packed
+/// INT8 form with the checkpoint's scales, activation policy and run-time smoothing.
+fn int8_linear(
+    linear: &mut NamedLinear,
+    ckpt: &Checkpoint,
+    dir: &Path,
+    config_path: &Path,
+    qc: &NativeQuantConfig,
+    backend: &Arc<dyn Int8Gemm>,
+) -> Result<()> {
+    let name = linear.name.clone();
+    let (n, k) = (linear.linear.out_features(), linear.linear.in_features());
+    let weight = ckpt.tensor(&format!("{name}.weight"))?;
+    let w_q = weight.to_vec::<i8>().map_err(|_| ModelError::Config {
+        path: dir.to_path_buf(),
+        reason: format!(
+            "`{name}.weight` is {}, expected i8 in a quantized checkpoint",
+            weight.dtype()
+        ),
+    })?;
+    let scale = ckpt.tensor(&format!("{name}.weight_scale"))?.to_f32_vec()?;
+    let scales = match (qc.weights, scale.len()) {
+        (WeightGranularity::Channel, len) if len == n => WeightScales::PerChannel(scale),
+        (WeightGranularity::Tensor, 1) => WeightScales::PerTensor(scale[0]),
+        (_, len) => {
+            return Err(ModelError::TensorShape {
+                path: dir.to_path_buf(),
+                name: format!("{name}.weight_scale"),
+                expected: vec![if qc.weights == WeightGranularity::Channel {
+                    n
+                } else {
+                    1
+                }],
+                actual: vec![len],
+            })
+        }
+    };
+    {
+        let s: &[f32] = match &scales {
+            WeightScales::PerChannel(s) => s,
+            WeightScales::PerTensor(s) => std::slice::from_ref(s),
+        };
+        if let Some(i) = s.iter().position(|v| !v.is_finite() || *v < 0.0) {
+            return Err(ModelError::NonFinite {
+                path: dir.to_path_buf(),
+                name: format!("{name}.weight_scale"),
+                what: "a non-finite or negative scale",
+                index: i,
+            });
+        }
+    }
+    let act = match qc.acts.as_str() {
+        "token" => ActQuant::Token,
+        "tensor" => ActQuant::Tensor,
+        "static" => {
+            let s = ckpt.tensor(&format!("{name}.input_scale"))?.to_f32_vec()?;
+            match s.as_slice() {
+                [v] if v.is_finite() && *v > 0.0 => ActQuant::Static { scale: *v },
+                _ => {
+                    return Err(ModelError::Config {
+                        path: dir.to_path_buf(),
+                        reason: format!("`{name}.input_scale` must hold one positive number"),
+                    })
+                }
+            }
+        }
+        other => {
+            return Err(ModelError::Config {
+                path: config_path.to_path_buf(),
+                reason: format!(
+                    "quantization_config.acts `{other}` is not token, tensor or static"
+                ),
+            })
+        }
+    };
+    let bias = linear.as_fp().and_then(|fp| fp.bias().map(<[f32]>::to_vec));
+    let int8 = Int8Linear::from_quantized(
+        &w_q,
+        scales,
+        bias.as_deref(),
+        n,
+        k,
+        qc.weights,
+        act,
+        backend.clone(),
+    )?;
+    // A run-time smoothing divide (no exact fold existed for this input).
+    let smoothing_name = format!("{name}.input_smoothing");
+    let int8 = if ckpt.contains(&smoothing_name) {
+        let f = ckpt.tensor(&smoothing_name)?.to_f32_vec()?;
+        int8.with_input_smoothing(f)
+            .map_err(|e| ModelError::Config {
+                path: dir.to_path_buf(),
+                reason: format!("`{smoothing_name}`: {e}"),
+            })?
+    } else {
+        int8
+    };
+    linear.linear = Box::new(int8);
+    Ok(())
+}
+
 /// Load a directory written by `smoothquant quantize --format native`.
 pub fn load_native(
     dir: &Path,
@@ -141,104 +255,13 @@ pub fn load_native(
         });
     }
     let ckpt = Checkpoint::open(dir)?;
-    // The architecture is built as usual (INT8 weights read as exact f32 values), then each
-    // decoder Linear is replaced by its packed INT8 form.
-    let mut model = build_model(&config, &config_path, &ckpt)?;
-    for block in &mut model.layers {
-        for linear in block.linears_mut() {
-            let name = linear.name.clone();
-            let (n, k) = (linear.linear.out_features(), linear.linear.in_features());
-            let weight = ckpt.tensor(&format!("{name}.weight"))?;
-            let w_q = weight.to_vec::<i8>().map_err(|_| ModelError::Config {
-                path: dir.to_path_buf(),
-                reason: format!(
-                    "`{name}.weight` is {}, expected i8 in a quantized checkpoint",
-                    weight.dtype()
-                ),
-            })?;
-            let scale = ckpt.tensor(&format!("{name}.weight_scale"))?.to_f32_vec()?;
-            let scales = match (qc.weights, scale.len()) {
-                (WeightGranularity::Channel, len) if len == n => WeightScales::PerChannel(scale),
-                (WeightGranularity::Tensor, 1) => WeightScales::PerTensor(scale[0]),
-                (_, len) => {
-                    return Err(ModelError::TensorShape {
-                        path: dir.to_path_buf(),
-                        name: format!("{name}.weight_scale"),
-                        expected: vec![if qc.weights == WeightGranularity::Channel {
-                            n
-                        } else {
-                            1
-                        }],
-                        actual: vec![len],
-                    })
-                }
-            };
-            {
-                let s: &[f32] = match &scales {
-                    WeightScales::PerChannel(s) => s,
-                    WeightScales::PerTensor(s) => std::slice::from_ref(s),
-                };
-                if let Some(i) = s.iter().position(|v| !v.is_finite() || *v < 0.0) {
-                    return Err(ModelError::NonFinite {
-                        path: dir.to_path_buf(),
-                        name: format!("{name}.weight_scale"),
-                        what: "a non-finite or negative scale",
-                        index: i,
-                    });
-                }
-            }
-            let act = match qc.acts.as_str() {
-                "token" => ActQuant::Token,
-                "tensor" => ActQuant::Tensor,
-                "static" => {
-                    let s = ckpt.tensor(&format!("{name}.input_scale"))?.to_f32_vec()?;
-                    match s.as_slice() {
-                        [v] if v.is_finite() && *v > 0.0 => ActQuant::Static { scale: *v },
-                        _ => {
-                            return Err(ModelError::Config {
-                                path: dir.to_path_buf(),
-                                reason: format!(
-                                    "`{name}.input_scale` must hold one positive number"
-                                ),
-                            })
-                        }
-                    }
-                }
-                other => {
-                    return Err(ModelError::Config {
-                        path: config_path,
-                        reason: format!(
-                            "quantization_config.acts `{other}` is not token, tensor or static"
-                        ),
-                    })
-                }
-            };
-            let bias = linear.as_fp().and_then(|fp| fp.bias().map(<[f32]>::to_vec));
-            let int8 = Int8Linear::from_quantized(
-                &w_q,
-                scales,
-                bias.as_deref(),
-                n,
-                k,
-                qc.weights,
-                act,
-                backend.clone(),
-            )?;
-            // A run-time smoothing divide (no exact fold existed for this input).
-            let smoothing_name = format!("{name}.input_smoothing");
-            let int8 = if ckpt.contains(&smoothing_name) {
-                let f = ckpt.tensor(&smoothing_name)?.to_f32_vec()?;
-                int8.with_input_smoothing(f)
-                    .map_err(|e| ModelError::Config {
-                        path: dir.to_path_buf(),
-                        reason: format!("`{smoothing_name}`: {e}"),
-                    })?
-            } else {
-                int8
-            };
-            linear.linear = Box::new(int8);
-        }
-    }
+    // The shell (embeddings, norms, LM head) is built as usual (INT8 values read as exact f32),
+    // the LM head replaced by its INT8 form when it is one; then each decoder layer is built,
+    // its Linears replaced by their packed INT8 forms and its f32 copies dropped before the
+    // next layer is read, so the f32 model never exists whole (peak memory: the shell plus one
+    // f32 layer), and the mapped pages read so far are released after each layer.
+    let mut model = build_shell(&config, &config_path, &ckpt)?;
+    model.share_tied_embedding()?;
     match qc.extra.get("lm_head").and_then(|v| v.as_str()) {
         None | Some("fp32") => {}
         Some("int8") => int8_head(&mut model, &ckpt, dir, backend.clone())?,
@@ -248,6 +271,15 @@ pub fn load_native(
                 reason: format!("quantization_config.lm_head `{other}` is not fp32 or int8"),
             })
         }
+    }
+    ckpt.release_pages();
+    for i in 0..model.config.num_layers {
+        let mut block = build_block(&model.config, &ckpt, i)?;
+        for linear in block.linears_mut() {
+            int8_linear(linear, &ckpt, dir, &config_path, &qc, &backend)?;
+        }
+        model.layers.push(block);
+        ckpt.release_pages();
     }
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = HfTokenizer::from_file(&tok_path)?

@@ -3,8 +3,10 @@
 //! the dequantize epilogue fused. [`FakeQuantLinear`] computes the same thing in f32 and is the
 //! test oracle.
 
+use crate::layers::Norm;
 use crate::linear::{check_forward_shapes, check_input_smoothing, FpLinear, Linear, NamedLinear};
 use crate::{ModelError, Result};
+use rayon::prelude::*;
 use sq_kernels::{ActScales, Int8Gemm, PackedInt8, WeightScales};
 use std::any::Any;
 use std::cell::RefCell;
@@ -326,6 +328,87 @@ impl Linear for Int8Linear {
     }
 }
 
+/// `l` as a W8A8 Linear that can take a shared quantized input (no observer, no run-time
+/// smoothing).
+fn plain_int8(l: &NamedLinear) -> Option<&Int8Linear> {
+    if l.observer.is_some() {
+        return None;
+    }
+    l.linear
+        .as_any()
+        .downcast_ref::<Int8Linear>()
+        .filter(|q| q.input_smoothing.is_none())
+}
+
+/// The first of `linears` when every one is a W8A8 Linear that can share one quantized input
+/// with it (same policy, width and backend; [`plain_int8`]). Allocates nothing.
+fn shared_int8<'a>(linears: &[&'a NamedLinear]) -> Option<&'a Int8Linear> {
+    let first = plain_int8(linears.first()?)?;
+    linears
+        .iter()
+        .all(|l| {
+            plain_int8(l).is_some_and(|q| {
+                q.act == first.act
+                    && q.in_features == first.in_features
+                    && q.backend.name() == first.backend.name()
+            })
+        })
+        .then_some(first)
+}
+
+fn name_err(name: &str, e: ModelError) -> ModelError {
+    match e {
+        ModelError::Invalid(msg) => ModelError::Invalid(format!("{name}: {msg}")),
+        other => other,
+    }
+}
+
+/// The shared activation scratch, grown to `[m, k]` codes and `m` scales.
+fn with_act_scratch<R>(
+    len: usize,
+    m: usize,
+    f: impl FnOnce(&mut [i8], &mut [f32]) -> Result<R>,
+) -> Result<R> {
+    ACT_SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (q, scales) = &mut *s;
+        if q.len() < len {
+            q.resize(len, 0);
+        }
+        if scales.len() < m.max(1) {
+            scales.resize(m.max(1), 0.0);
+        }
+        f(&mut q[..len], scales)
+    })
+}
+
+/// Run each of `linears` (checked by [`shared_int8`]) on the quantized input `q` into `outs`.
+fn gemms(
+    linears: &[&NamedLinear],
+    q: &[i8],
+    m: usize,
+    x_scales: ActScales<'_>,
+    outs: &mut [&mut [f32]],
+) -> Result<()> {
+    for (l, y) in linears.iter().zip(outs.iter_mut()) {
+        let lin = plain_int8(l).ok_or_else(|| {
+            ModelError::Invalid(format!("{}: not a W8A8 Linear with a plain input", l.name))
+        })?;
+        lin.backend
+            .gemm_f32_out(q, m, x_scales, &lin.packed, y)
+            .map_err(|e| name_err(&l.name, e.into()))?;
+    }
+    Ok(())
+}
+
+/// Check `outs` against `linears` for the input `x` of `m` rows, naming the Linear.
+fn check_outputs(linears: &[&NamedLinear], x: &[f32], m: usize, outs: &[&mut [f32]]) -> Result<()> {
+    for (l, y) in linears.iter().zip(outs.iter()) {
+        check_forward_shapes(l.linear.as_ref(), x, m, y).map_err(|e| name_err(&l.name, e))?;
+    }
+    Ok(())
+}
+
 /// Run Linears that read the same input `x` (`[m, k]`): W8A8 ones that quantize it the same
 /// way (same policy, no run-time smoothing, no observer) share one quantize pass (q/k/v,
 /// gate/up); otherwise each runs its own forward. Results are identical either way.
@@ -335,56 +418,190 @@ pub fn forward_same_input(
     m: usize,
     outs: &mut [&mut [f32]],
 ) -> Result<()> {
-    let int8: Option<Vec<&Int8Linear>> = linears
-        .iter()
-        .map(|l| {
-            l.observer
-                .is_none()
-                .then(|| l.linear.as_any().downcast_ref::<Int8Linear>())
-                .flatten()
-                .filter(|q| q.input_smoothing.is_none())
-        })
-        .collect();
-    let shared = match &int8 {
-        Some(v) if v.len() > 1 => v.iter().all(|q| {
-            q.act == v[0].act
-                && q.in_features == v[0].in_features
-                && q.backend.name() == v[0].backend.name()
-        }),
-        _ => false,
-    };
-    if !shared || linears.len() != outs.len() {
+    let first = shared_int8(linears).filter(|_| linears.len() > 1 && linears.len() == outs.len());
+    let Some(first) = first else {
         for (l, y) in linears.iter().zip(outs.iter_mut()) {
             l.forward(x, m, y)?;
         }
         return Ok(());
-    }
-    let int8 = int8.expect("checked above");
-    let name_err = |name: &str, e: ModelError| match e {
-        ModelError::Invalid(msg) => ModelError::Invalid(format!("{name}: {msg}")),
-        other => other,
     };
-    for ((l, q), y) in linears.iter().zip(&int8).zip(outs.iter()) {
-        check_forward_shapes(*q, x, m, y).map_err(|e| name_err(&l.name, e))?;
-    }
-    let first = int8[0];
-    ACT_SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        let (q, scales) = &mut *s;
-        if q.len() < x.len() {
-            q.resize(x.len(), 0);
-        }
-        if scales.len() < m {
-            scales.resize(m, 0.0);
-        }
-        let q = &mut q[..x.len()];
+    check_outputs(linears, x, m, outs)?;
+    with_act_scratch(x.len(), m, |q, scales| {
         let x_scales = quantize_input(first.act, x, m, first.in_features, None, q, scales)?;
-        for ((l, lin), y) in linears.iter().zip(&int8).zip(outs.iter_mut()) {
-            lin.backend
-                .gemm_f32_out(q, m, x_scales, &lin.packed, y)
-                .map_err(|e| name_err(&l.name, e.into()))?;
+        gemms(linears, q, m, x_scales, outs)
+    })
+}
+
+thread_local! {
+    // One normalized row of the fused norm + quantize pass (stays in L1; grown once).
+    static NORM_ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Rows below which the fused norm + quantize pass runs on the calling thread.
+const NORM_PARALLEL_ROWS: usize = 8;
+
+/// One row of [`each_normed_row`]: input, kept norm output, codes and scale slot.
+type NormedRow<'r> = ((&'r [f32], &'r mut [f32]), (&'r mut [i8], &'r mut f32));
+
+/// For each row of `x` (`[m, k]`): normalize it (into its row of `normed` when given, else into
+/// a thread-local row) and hand the normalized row to `f` with its row of `q` and `aux[row]`.
+fn each_normed_row<F>(
+    norm: &Norm,
+    x: &[f32],
+    k: usize,
+    normed: Option<&mut [f32]>,
+    q: &mut [i8],
+    aux: &mut [f32],
+    f: F,
+) -> Result<()>
+where
+    F: Fn(&[f32], &mut [i8], &mut f32) -> Result<()> + Sync,
+{
+    let m = aux.len();
+    match normed {
+        Some(normed) => {
+            let row = |((xr, nr), (qr, a)): NormedRow<'_>| {
+                norm.forward_row(xr, nr);
+                f(nr, qr, a)
+            };
+            let rows = x.par_chunks(k).zip(normed.par_chunks_mut(k));
+            let rest = q.par_chunks_mut(k).zip(aux.par_iter_mut());
+            if m >= NORM_PARALLEL_ROWS {
+                rows.zip(rest)
+                    .with_min_len(NORM_PARALLEL_ROWS)
+                    .try_for_each(row)
+            } else {
+                x.chunks(k)
+                    .zip(normed.chunks_mut(k))
+                    .zip(q.chunks_mut(k).zip(aux.iter_mut()))
+                    .try_for_each(row)
+            }
         }
-        Ok(())
+        None => {
+            let row = |(xr, (qr, a)): (&[f32], (&mut [i8], &mut f32))| {
+                NORM_ROW.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    if buf.len() < k {
+                        buf.resize(k, 0.0);
+                    }
+                    let nr = &mut buf[..k];
+                    norm.forward_row(xr, nr);
+                    f(nr, qr, a)
+                })
+            };
+            if m >= NORM_PARALLEL_ROWS {
+                x.par_chunks(k)
+                    .zip(q.par_chunks_mut(k).zip(aux.par_iter_mut()))
+                    .with_min_len(NORM_PARALLEL_ROWS)
+                    .try_for_each(row)
+            } else {
+                x.chunks(k)
+                    .zip(q.chunks_mut(k).zip(aux.iter_mut()))
+                    .try_for_each(row)
+            }
+        }
+    }
+}
+
+/// `norm` (`[m, k]` rows of `x`) followed by its quantization with `act`, fused: each row is
+/// normalized and quantized while it is in L1, so the f32 norm output is written only when
+/// `normed` asks for it (BLOOM's residual from the norm output). The codes and scales equal
+/// [`Norm::forward`] followed by [`quantize_input`] exactly. Dynamic per-tensor runs two passes
+/// (row magnitudes, then codes with the tensor's scale), recomputing the rows unless `normed`
+/// holds them.
+#[allow(clippy::too_many_arguments)]
+fn norm_quantize<'a>(
+    norm: &Norm,
+    act: ActQuant,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    mut normed: Option<&mut [f32]>,
+    q: &mut [i8],
+    scales: &'a mut [f32],
+) -> Result<ActScales<'a>> {
+    use sq_kernels as sk;
+    let scales = &mut scales[..m];
+    if k == 0 || m == 0 {
+        return quantize_input(act, x, m, k, None, q, scales);
+    }
+    match act {
+        ActQuant::Token => {
+            each_normed_row(norm, x, k, normed, q, scales, |nr, qr, s| {
+                Ok(sk::quantize_per_token(
+                    nr,
+                    1,
+                    k,
+                    qr,
+                    std::slice::from_mut(s),
+                )?)
+            })?;
+            Ok(ActScales::PerToken(scales))
+        }
+        ActQuant::Static { scale } => {
+            each_normed_row(norm, x, k, normed, q, scales, |nr, qr, _| {
+                Ok(sk::quantize_static(nr, scale, qr)?)
+            })?;
+            Ok(ActScales::PerTensor(scale))
+        }
+        ActQuant::Tensor => {
+            // Pass 1: each row's largest magnitude (rows kept in `normed` when asked for).
+            each_normed_row(norm, x, k, normed.as_deref_mut(), q, scales, |nr, _, s| {
+                *s = sk::absmax(nr);
+                Ok(())
+            })?;
+            let absmax = scales.iter().copied().fold(0.0f32, f32::max);
+            // Pass 2: the codes with the tensor's scale.
+            let scale = match normed {
+                Some(normed) => sk::quantize_with_absmax(normed, absmax, q)?,
+                None => {
+                    each_normed_row(norm, x, k, None, q, scales, |nr, qr, _| {
+                        sk::quantize_with_absmax(nr, absmax, qr)?;
+                        Ok(())
+                    })?;
+                    sk::quantize::scale_for_absmax(absmax).0
+                }
+            };
+            Ok(ActScales::PerTensor(scale))
+        }
+    }
+}
+
+/// `norm` over `x` (`[m, k]`, the residual stream, left untouched) feeding `linears` (q/k/v,
+/// gate/up, fc1, BLOOM's query_key_value), which write `outs`. When they are W8A8 Linears
+/// sharing one input quantization ([`forward_same_input`]'s conditions), the norm writes INT8
+/// codes and scales directly (one fused pass, [`norm_quantize`]) and the f32 norm output goes to
+/// `normed` only when `keep_normed`; otherwise the norm writes `normed` and the Linears read it.
+/// Results are identical either way.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_normed(
+    norm: &Norm,
+    linears: &[&NamedLinear],
+    x: &[f32],
+    m: usize,
+    normed: &mut [f32],
+    keep_normed: bool,
+    outs: &mut [&mut [f32]],
+) -> Result<()> {
+    let k = norm.weight.len();
+    if m.checked_mul(k) != Some(x.len()) || normed.len() != x.len() {
+        return Err(ModelError::Invalid(format!(
+            "{}: input of {} values and output of {} values are not {m} rows of {k} channels",
+            norm.name,
+            x.len(),
+            normed.len()
+        )));
+    }
+    let first = shared_int8(linears).filter(|q| q.in_features == k && linears.len() == outs.len());
+    let Some(first) = first else {
+        norm.forward(x, normed);
+        return forward_same_input(linears, normed, m, outs);
+    };
+    check_outputs(linears, x, m, outs)?;
+    let normed = keep_normed.then_some(normed);
+    with_act_scratch(x.len(), m, |q, scales| {
+        let x_scales = norm_quantize(norm, first.act, x, m, k, normed, q, scales)?;
+        gemms(linears, q, m, x_scales, outs)
     })
 }
 

@@ -378,3 +378,62 @@ fn model_level_alpha_refinement_keeps_the_lowest_loss() {
     assert_eq!(r2.chosen.label, r.chosen.label);
     assert_eq!(r2.chosen.mean_nll, r.chosen.mean_nll);
 }
+
+/// Sees every Linear input and does nothing: attached to a model it turns off the shared and
+/// fused input quantization (each Linear then quantizes the f32 norm output itself).
+struct NoOpObserver;
+
+impl sq_model::LinearObserver for NoOpObserver {
+    fn observe(&self, _: &str, _: &[f32], _: usize) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The decoder with each norm fused into the quantization of the Linears it feeds equals the
+/// unfused decoder (norm to f32, each Linear quantizing its input) on LLaMA, OPT and BLOOM, for
+/// per-token, dynamic per-tensor and static activations, in prefill and in decode.
+#[test]
+fn the_norm_fused_with_the_input_quantizer_equals_the_unfused_decoder() {
+    let backend = sq_kernels::select_backend().unwrap();
+    for name in ["llama-gqa", "opt-prenorm", "bloom"] {
+        for recipe in [Recipe::CHANNEL_TOKEN, Recipe::O2, Recipe::O3] {
+            for residual_from_norm in [false, true] {
+                if residual_from_norm && name != "bloom" {
+                    continue;
+                }
+                let (mut fused, ids, stats) = prepared(name);
+                quantize_model(&mut fused.model, &recipe, Some(&stats), backend.clone()).unwrap();
+                let (mut unfused, _, stats) = prepared(name);
+                quantize_model(&mut unfused.model, &recipe, Some(&stats), backend.clone()).unwrap();
+                unfused
+                    .model
+                    .set_observer(Some(std::sync::Arc::new(NoOpObserver)));
+                fused.model.config.residual_from_norm = residual_from_norm;
+                unfused.model.config.residual_from_norm = residual_from_norm;
+                let what = format!("{name} {recipe:?} residual from norm {residual_from_norm}");
+                // Prefill of all but the last 3 tokens, then 3 decode steps.
+                let split = ids.len() - 3;
+                let run = |model: &Model| {
+                    let mut session = model.session(ids.len());
+                    let mut out = Vec::new();
+                    let mut all = Vec::new();
+                    model
+                        .forward(&ids[..split], &mut session, Logits::All, &mut out)
+                        .unwrap();
+                    all.extend_from_slice(&out);
+                    for &id in &ids[split..] {
+                        model
+                            .forward(&[id], &mut session, Logits::Last, &mut out)
+                            .unwrap();
+                        all.extend_from_slice(&out);
+                    }
+                    all
+                };
+                let (a, b) = (run(&fused.model), run(&unfused.model));
+                assert_eq!(a.len(), b.len());
+                let e = rel_err(&a, &b);
+                assert!(e <= 1e-6, "{what}: fused vs unfused relative error {e}");
+            }
+        }
+    }
+}

@@ -59,11 +59,32 @@ pub(crate) fn pack_panels_into(
             *line = Line64::default();
         }
         let cols = (n - p * PANEL_COLS).min(PANEL_COLS);
-        for c in 0..cols {
-            let base = (p * PANEL_COLS + c) * stride_n;
+        if stride_k == 1 {
+            // Rows of B contiguous along k (weights, attention keys): 4 bytes per column and line.
+            for c in 0..cols {
+                let row = &src[(p * PANEL_COLS + c) * stride_n..][..k];
+                for (line, quad) in panel.iter_mut().zip(row.chunks(4)) {
+                    for (d, &w) in line.0[c * 4..].iter_mut().zip(quad) {
+                        *d = (w as u8) ^ 0x80;
+                    }
+                }
+            }
+        } else if stride_n == 1 {
+            // Columns contiguous (attention values `[keys, head_dim]`): one source row per k.
             for kk in 0..k {
-                let w = src[base + kk * stride_k];
-                panel[kk / 4].0[c * 4 + kk % 4] = (w as u8) ^ 0x80;
+                let row = &src[kk * stride_k + p * PANEL_COLS..][..cols];
+                let (line, off) = (&mut panel[kk / 4].0, kk % 4);
+                for (c, &w) in row.iter().enumerate() {
+                    line[c * 4 + off] = (w as u8) ^ 0x80;
+                }
+            }
+        } else {
+            for c in 0..cols {
+                let base = (p * PANEL_COLS + c) * stride_n;
+                for kk in 0..k {
+                    let w = src[base + kk * stride_k];
+                    panel[kk / 4].0[c * 4 + kk % 4] = (w as u8) ^ 0x80;
+                }
             }
         }
     }
