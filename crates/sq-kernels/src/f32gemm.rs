@@ -66,22 +66,253 @@ impl PackedF32 {
     }
 
     /// The original `[n, k]` row-major weights (exact: packing only moves values).
+    /// Multi-threaded on rayon's current pool for large weights.
     pub fn unpack(&self) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let mut w = vec![0.0f32; n * k];
         if k == 0 {
             return w;
         }
-        for (p, panel) in self.lines.chunks_exact(k).enumerate() {
-            let cols = (n - p * PANEL).min(PANEL);
+        let unpack_panel = |(rows, panel): (&mut [f32], &[LineF32])| {
+            let cols = rows.len() / k;
             for (kk, line) in panel.iter().enumerate() {
                 for c in 0..cols {
-                    w[(p * PANEL + c) * k + kk] = line.0[c];
+                    rows[c * k + kk] = line.0[c];
                 }
             }
+        };
+        if n * k >= PARALLEL_PACK {
+            w.par_chunks_mut(PANEL * k)
+                .zip(self.lines.par_chunks_exact(k))
+                .for_each(unpack_panel);
+        } else {
+            w.chunks_mut(PANEL * k)
+                .zip(self.lines.chunks_exact(k))
+                .for_each(unpack_panel);
         }
         w
     }
+
+    /// Rows `16 p ..` (panel `p`, up to 16 rows) of the original weights into `out`
+    /// (row-major, `k` values a row); returns the number of rows.
+    fn panel_rows_into(&self, p: usize, out: &mut [f32]) -> usize {
+        let k = self.k;
+        let cols = (self.n - p * PANEL).min(PANEL);
+        for (kk, line) in self.lines[p * k..(p + 1) * k].iter().enumerate() {
+            for c in 0..cols {
+                out[c * k + kk] = line.0[c];
+            }
+        }
+        cols
+    }
+
+    /// Visit the weights in blocks of up to 16 whole rows: `f(first_row, rows, out)` gets the
+    /// block row-major (`k` values a row) with `out`, this block's part of `outputs` (split in
+    /// `per_row` items a row). Blocks run in parallel on rayon's pool for large weights; an
+    /// error from `f` stops the visit.
+    pub fn try_for_each_row_block<T: Send, E: Send + From<KernelError>>(
+        &self,
+        outputs: &mut [T],
+        per_row: usize,
+        f: impl Fn(usize, &[f32], &mut [T]) -> std::result::Result<(), E> + Sync,
+    ) -> std::result::Result<(), E> {
+        let (n, k) = (self.n, self.k);
+        if outputs.len() != n * per_row {
+            return Err(KernelError::ShapeMismatch {
+                op: "PackedF32::try_for_each_row_block",
+                detail: format!("{} outputs for {n} rows of {per_row} items", outputs.len()),
+            }
+            .into());
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let visit = |buf: &mut Vec<f32>, (p, out): (usize, &mut [T])| {
+            let rows = self.panel_rows_into(p, buf);
+            f(p * PANEL, &buf[..rows * k], out)
+        };
+        let chunk = (PANEL * per_row).max(1);
+        if n * k >= PARALLEL_PACK && per_row > 0 {
+            outputs
+                .par_chunks_mut(chunk)
+                .enumerate()
+                .try_for_each_init(|| vec![0.0f32; PANEL * k], visit)
+        } else {
+            let mut buf = vec![0.0f32; PANEL * k];
+            if per_row == 0 {
+                return (0..n.div_ceil(PANEL)).try_for_each(|p| visit(&mut buf, (p, &mut [])));
+            }
+            outputs
+                .chunks_mut(chunk)
+                .enumerate()
+                .try_for_each(|item| visit(&mut buf, item))
+        }
+    }
+
+    /// Multiply input channel (column) `j` of the weights by `scales[j]`, in place: what
+    /// scaling every row of the unpacked weights by `scales` gives, without unpacking.
+    pub fn scale_columns(&mut self, scales: &[f32]) -> Result<()> {
+        let k = self.k;
+        check_len(
+            "PackedF32::scale_columns",
+            "scales",
+            || format!("[{k}]"),
+            k,
+            scales.len(),
+        )?;
+        if k == 0 {
+            return Ok(());
+        }
+        let scale = |panel: &mut [LineF32]| {
+            for (line, &s) in panel.iter_mut().zip(scales) {
+                line.0.iter_mut().for_each(|v| *v *= s);
+            }
+        };
+        if self.n * k >= PARALLEL_PACK {
+            self.lines.par_chunks_exact_mut(k).for_each(scale);
+        } else {
+            self.lines.chunks_exact_mut(k).for_each(scale);
+        }
+        Ok(())
+    }
+
+    /// Divide output row `r` of the weights by `divisors[r]` where one is given, in place.
+    pub fn divide_rows(&mut self, divisors: &[Option<f32>]) -> Result<()> {
+        let (n, k) = (self.n, self.k);
+        check_len(
+            "PackedF32::divide_rows",
+            "divisors",
+            || format!("[{n}]"),
+            n,
+            divisors.len(),
+        )?;
+        if k == 0 {
+            return Ok(());
+        }
+        let divide = |(p, panel): (usize, &mut [LineF32])| {
+            let cols = (n - p * PANEL).min(PANEL);
+            for (c, d) in divisors[p * PANEL..p * PANEL + cols].iter().enumerate() {
+                if let Some(d) = d {
+                    panel.iter_mut().for_each(|line| line.0[c] /= d);
+                }
+            }
+        };
+        if n * k >= PARALLEL_PACK {
+            self.lines
+                .par_chunks_exact_mut(k)
+                .enumerate()
+                .for_each(divide);
+        } else {
+            self.lines.chunks_exact_mut(k).enumerate().for_each(divide);
+        }
+        Ok(())
+    }
+
+    /// `out[j] = max(out[j], max_r |W[r, j]|)` for every input channel `j`: the weight range per
+    /// input channel (smoothing), accumulated over several weights.
+    pub fn column_absmax_into(&self, out: &mut [f32]) -> Result<()> {
+        let k = self.k;
+        check_len(
+            "PackedF32::column_absmax_into",
+            "out",
+            || format!("[{k}]"),
+            k,
+            out.len(),
+        )?;
+        if k == 0 {
+            return Ok(());
+        }
+        // Padding columns hold zeros, which leave a maximum of absolute values unchanged.
+        let absmax = |(b, out): (usize, &mut [f32])| {
+            let (k0, len) = (b * ABSMAX_BLOCK, out.len());
+            for panel in self.lines.chunks_exact(k) {
+                for (m, line) in out.iter_mut().zip(&panel[k0..k0 + len]) {
+                    *m = line.0.iter().fold(*m, |m, v| m.max(v.abs()));
+                }
+            }
+        };
+        if self.n * k >= PARALLEL_PACK {
+            out.par_chunks_mut(ABSMAX_BLOCK)
+                .enumerate()
+                .for_each(absmax);
+        } else {
+            out.chunks_mut(ABSMAX_BLOCK).enumerate().for_each(absmax);
+        }
+        Ok(())
+    }
+}
+
+/// Below this many weights, packing and unpacking stay on the calling thread.
+const PARALLEL_PACK: usize = 1 << 16;
+/// Input channels a task of [`PackedF32::column_absmax_into`] covers.
+const ABSMAX_BLOCK: usize = 256;
+
+/// `len` zero lines from zeroed memory: the pages are touched (and faulted in) only by the
+/// threads that pack into them, not by a serial fill first.
+fn zeroed_lines(op: &'static str, len: usize) -> Result<Vec<LineF32>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout =
+        std::alloc::Layout::array::<LineF32>(len).map_err(|_| KernelError::ShapeMismatch {
+            op,
+            detail: format!("{len} packed lines overflow the address space"),
+        })?;
+    // SAFETY: the layout has a non-zero size; all-zero bytes are a valid `LineF32` (16 zero
+    // floats); the pointer comes from the global allocator with the layout of `len` elements,
+    // as `Vec::from_raw_parts` requires.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut LineF32;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Ok(Vec::from_raw_parts(ptr, len, len))
+    }
+}
+
+/// Pack `rows` (up to 16 rows of `k` values, row-major) into one panel of `k` lines.
+fn pack_panel(rows: &[f32], k: usize, panel: &mut [LineF32]) {
+    let cols = rows.len() / k;
+    for (kk, line) in panel.iter_mut().enumerate() {
+        for c in 0..PANEL {
+            line.0[c] = if c < cols { rows[c * k + kk] } else { 0.0 };
+        }
+    }
+}
+
+/// Pack `W [n, k]` produced a block of rows at a time: `fill(first_row, rows)` writes rows
+/// `first_row ..` (up to 16, `rows.len() / k` of them, row-major) into `rows`. The blocks are
+/// filled and packed in parallel on rayon's pool for large weights, so a converting source
+/// (bf16 to f32) is read once and never held whole in f32. An error from `fill` stops packing.
+pub fn pack_f32_rows<E: Send + From<KernelError>>(
+    n: usize,
+    k: usize,
+    fill: impl Fn(usize, &mut [f32]) -> std::result::Result<(), E> + Sync,
+) -> std::result::Result<PackedF32, E> {
+    let len = checked_mul("pack_f32_rows", n.div_ceil(PANEL), k)?;
+    let mut lines = zeroed_lines("pack_f32_rows", len)?;
+    if k > 0 {
+        let pack = |buf: &mut Vec<f32>, (p, panel): (usize, &mut [LineF32])| {
+            let rows = (n - p * PANEL).min(PANEL);
+            let block = &mut buf[..rows * k];
+            fill(p * PANEL, block)?;
+            pack_panel(block, k, panel);
+            Ok::<(), E>(())
+        };
+        if n * k >= PARALLEL_PACK {
+            lines
+                .par_chunks_exact_mut(k)
+                .enumerate()
+                .try_for_each_init(|| vec![0.0f32; PANEL * k], pack)?;
+        } else {
+            let mut buf = vec![0.0f32; PANEL * k];
+            lines
+                .chunks_exact_mut(k)
+                .enumerate()
+                .try_for_each(|item| pack(&mut buf, item))?;
+        }
+    }
+    Ok(PackedF32 { n, k, lines })
 }
 
 /// Packs B (`n` columns by `k`; element `(j, kk)` at `src[j * stride_n + kk * stride_k]`) into
@@ -123,8 +354,18 @@ pub fn pack_f32(w: &[f32], n: usize, k: usize) -> Result<PackedF32> {
         checked_mul(OP, n, k)?,
         w.len(),
     )?;
-    let mut lines = vec![LineF32::default(); n.div_ceil(PANEL) * k];
-    pack_into(w, n, k, k, 1, &mut lines);
+    let mut lines = zeroed_lines(OP, n.div_ceil(PANEL) * k)?;
+    if k > 0 {
+        let pack = |(p, panel): (usize, &mut [LineF32])| {
+            let rows = &w[p * PANEL * k..((p + 1) * PANEL).min(n) * k];
+            pack_panel(rows, k, panel);
+        };
+        if n * k >= PARALLEL_PACK {
+            lines.par_chunks_exact_mut(k).enumerate().for_each(pack);
+        } else {
+            lines.chunks_exact_mut(k).enumerate().for_each(pack);
+        }
+    }
     Ok(PackedF32 { n, k, lines })
 }
 
@@ -645,6 +886,79 @@ mod tests {
             let w: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.5 - 7.0).collect();
             assert_eq!(pack_f32(&w, n, k).unwrap().unpack(), w, "{n}x{k}");
         }
+    }
+
+    /// The in-place operations on packed weights give exactly what the same operation on the
+    /// unpacked weights gives, on both sides of the parallel threshold.
+    #[test]
+    fn packed_operations_match_the_unpacked_ones() {
+        for (n, k) in [(1, 1), (17, 3), (32, 0), (33, 65), (300, 257)] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let scales: Vec<f32> = (0..k).map(|j| 0.5 + (j % 7) as f32 / 3.0).collect();
+            let divisors: Vec<Option<f32>> = (0..n)
+                .map(|r| (r % 3 != 0).then_some(1.0 + (r % 5) as f32 / 4.0))
+                .collect();
+
+            let mut want = w.clone();
+            if k > 0 {
+                for row in want.chunks_exact_mut(k) {
+                    row.iter_mut().zip(&scales).for_each(|(v, s)| *v *= s);
+                }
+                for (row, d) in want.chunks_exact_mut(k).zip(&divisors) {
+                    if let Some(d) = d {
+                        row.iter_mut().for_each(|v| *v /= d);
+                    }
+                }
+            }
+            let mut packed = pack_f32(&w, n, k).unwrap();
+            packed.scale_columns(&scales).unwrap();
+            packed.divide_rows(&divisors).unwrap();
+            assert_eq!(packed.unpack(), want, "{n}x{k}");
+
+            let mut absmax = vec![0.25f32; k];
+            packed.column_absmax_into(&mut absmax).unwrap();
+            let mut expect = vec![0.25f32; k];
+            for row in want.chunks_exact(k.max(1)).take(if k == 0 { 0 } else { n }) {
+                expect
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(m, v)| *m = m.max(v.abs()));
+            }
+            assert_eq!(absmax, expect, "{n}x{k}");
+
+            let from_rows = pack_f32_rows(n, k, |r0, rows: &mut [f32]| {
+                rows.copy_from_slice(&w[r0 * k..r0 * k + rows.len()]);
+                Ok::<(), KernelError>(())
+            })
+            .unwrap();
+            assert_eq!(from_rows.unpack(), w, "{n}x{k}");
+
+            let mut seen = vec![0.0f32; n * k];
+            packed
+                .try_for_each_row_block(&mut seen, k, |_, rows, out| {
+                    out.copy_from_slice(rows);
+                    Ok::<(), KernelError>(())
+                })
+                .unwrap();
+            assert_eq!(seen, want, "{n}x{k}");
+        }
+        let mut packed = pack_f32(&[1.0; 6], 2, 3).unwrap();
+        assert!(packed.scale_columns(&[1.0; 2]).is_err());
+        assert!(packed.divide_rows(&[None; 3]).is_err());
+        assert!(packed.column_absmax_into(&mut [0.0; 4]).is_err());
+        let stop = pack_f32_rows(40, 3, |r0, _: &mut [f32]| {
+            if r0 == 32 {
+                Err(KernelError::ShapeMismatch {
+                    op: "test",
+                    detail: "stop".into(),
+                })
+            } else {
+                Ok(())
+            }
+        });
+        assert!(stop.is_err());
     }
 
     #[test]

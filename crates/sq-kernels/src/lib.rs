@@ -77,16 +77,18 @@ pub use dispatch::{
 };
 pub use error::{KernelError, Result};
 pub use f32gemm::{
-    f32_gemm, pack_f32, reference_sgemm, sgemm, sgemm_serial, MatMut, MatRef, PackedF32, Transpose,
+    f32_gemm, pack_f32, pack_f32_rows, reference_sgemm, sgemm, sgemm_serial, MatMut, MatRef,
+    PackedF32, Transpose,
 };
 pub use int8::{
     dequantize_acc, requantize, ActScales, Avx512Vnni, AvxVnni, BatchedI8, BmmOutput, Int8Gemm,
     PackedInt8, PackedLayout, Portable, Reference, WeightScales, MAX_K, PANEL_COLS,
 };
 pub use quantize::{
-    absmax, dequantize_per_row, quantize_per_tensor, quantize_per_tensor_smoothed,
-    quantize_per_token, quantize_per_token_smoothed, quantize_static, quantize_static_smoothed,
-    quantize_weights_per_channel, quantize_weights_per_tensor, quantize_with_absmax,
+    absmax, dequantize_per_row, quantize_packed_weights_per_channel, quantize_per_tensor,
+    quantize_per_tensor_smoothed, quantize_per_token, quantize_per_token_smoothed, quantize_static,
+    quantize_static_smoothed, quantize_weights_per_channel, quantize_weights_per_tensor,
+    quantize_with_absmax,
 };
 
 /// Compiles and runs the README's Rust examples as doctests.

@@ -415,6 +415,37 @@ pub fn quantize_weights_per_channel(w: &[f32], n: usize, k: usize) -> Result<(Ve
     Ok((q, scales))
 }
 
+/// [`quantize_weights_per_channel`] of packed weights (the same bytes as on the unpacked
+/// copy), one block of rows at a time, so no unpacked copy of the whole weight is made.
+pub fn quantize_packed_weights_per_channel(w: &crate::PackedF32) -> Result<(Vec<i8>, Vec<f32>)> {
+    let (n, k) = (w.n(), w.k());
+    let len = checked_mul("quantize_weights_per_channel", n, k)?;
+    let mut q = vec![0i8; len];
+    let mut scales = vec![0.0f32; n];
+    if k == 0 {
+        return Ok((q, scales));
+    }
+    let imp = best_impl();
+    // One output item per row: the row's scale, with its INT8 values beside it.
+    let mut rows: Vec<(&mut [i8], &mut f32)> = q.chunks_mut(k).zip(scales.iter_mut()).collect();
+    w.try_for_each_row_block(&mut rows, 1, |_, x, out| {
+        for ((q, scale), x) in out.iter_mut().zip(x.chunks_exact(k)) {
+            quantize_rows(
+                "quantize_weights_per_channel",
+                imp,
+                x,
+                1,
+                k,
+                None,
+                q,
+                std::slice::from_mut(*scale),
+            )?;
+        }
+        Ok::<(), KernelError>(())
+    })?;
+    Ok((q, scales))
+}
+
 /// Symmetric per-tensor weight quantization of `w [n, k]`: returns `(w_q, scale)`.
 pub fn quantize_weights_per_tensor(w: &[f32], n: usize, k: usize) -> Result<(Vec<i8>, f32)> {
     const OP: &str = "quantize_weights_per_tensor";

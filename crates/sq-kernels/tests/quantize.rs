@@ -7,9 +7,10 @@ use common::Rng;
 use proptest::prelude::*;
 use sq_kernels::quantize::{quantize_per_token_scalar, scalar, scale_for_absmax};
 use sq_kernels::{
-    dequantize_per_row, quantize_per_tensor, quantize_per_tensor_smoothed, quantize_per_token,
-    quantize_per_token_smoothed, quantize_static, quantize_static_smoothed,
-    quantize_weights_per_channel, quantize_weights_per_tensor, KernelError,
+    dequantize_per_row, pack_f32, quantize_packed_weights_per_channel, quantize_per_tensor,
+    quantize_per_tensor_smoothed, quantize_per_token, quantize_per_token_smoothed, quantize_static,
+    quantize_static_smoothed, quantize_weights_per_channel, quantize_weights_per_tensor,
+    KernelError,
 };
 
 /// `|dequantized - x| <= scale / 2`, with slack for the two f32 roundings involved.
@@ -169,6 +170,27 @@ fn weight_helpers_are_symmetric_absmax() {
     let (q, scale) = quantize_weights_per_tensor(&w, 3, 3).unwrap();
     assert_eq!(scale, 4.0 / 127.0);
     assert_eq!(q, [32, -64, 16, 0, 0, 0, 127, 95, -32]);
+}
+
+/// Quantizing the packed weights block by block gives the bytes of the unpacked path, on both
+/// sides of the parallel threshold; a non-finite weight is refused the same way.
+#[test]
+fn packed_per_channel_quantization_matches_the_unpacked_one() {
+    let mut rng = Rng::new(11);
+    for (n, k) in [(1, 1), (3, 3), (17, 5), (40, 0), (300, 301)] {
+        let mut w = rng.f32s(n * k, -2.0, 2.0);
+        if n * k > 100 {
+            w[123] = 40.0;
+        }
+        let want = quantize_weights_per_channel(&w, n, k).unwrap();
+        let got = quantize_packed_weights_per_channel(&pack_f32(&w, n, k).unwrap()).unwrap();
+        assert_eq!(got, want, "{n}x{k}");
+    }
+    let mut w = vec![1.0f32; 300 * 301];
+    w[5000] = f32::INFINITY;
+    let packed = pack_f32(&w, 300, 301).unwrap();
+    assert!(quantize_weights_per_channel(&w, 300, 301).is_err());
+    assert!(quantize_packed_weights_per_channel(&packed).is_err());
 }
 
 #[test]

@@ -119,6 +119,47 @@ impl FpLinear {
         })
     }
 
+    /// A Linear on weights packed already ([`sq_kernels::pack_f32_rows`]: a layer read
+    /// straight from bf16 into the packed layout).
+    pub fn from_packed(packed: sq_kernels::PackedF32, bias: Option<Vec<f32>>) -> Result<Self> {
+        let (out_features, in_features) = (packed.n(), packed.k());
+        if bias.as_ref().is_some_and(|b| b.len() != out_features) {
+            return Err(ModelError::Invalid(format!(
+                "FpLinear: bias of {} values for {out_features} outputs",
+                bias.as_ref().map_or(0, Vec::len)
+            )));
+        }
+        Ok(FpLinear {
+            in_features,
+            out_features,
+            packed,
+            bias,
+            input_smoothing: None,
+        })
+    }
+
+    /// The weights in the GEMM's packed layout.
+    pub fn packed(&self) -> &sq_kernels::PackedF32 {
+        &self.packed
+    }
+
+    /// Multiply input channel `j` of the weights by `scales[j]` (smoothing), in the packed
+    /// layout: the values [`FpLinear::update_weight`] scaling each row would give.
+    pub fn scale_input_channels(&mut self, scales: &[f32]) -> Result<()> {
+        Ok(self.packed.scale_columns(scales)?)
+    }
+
+    /// Divide output row `r` of the weights by `divisors[r]` where one is given (a smoothing
+    /// fold into a producing Linear), in the packed layout. The bias is left alone.
+    pub fn divide_output_rows(&mut self, divisors: &[Option<f32>]) -> Result<()> {
+        Ok(self.packed.divide_rows(divisors)?)
+    }
+
+    /// `out[j] = max(out[j], max_r |W[r, j]|)`: the weight range per input channel.
+    pub fn input_channel_absmax_into(&self, out: &mut [f32]) -> Result<()> {
+        Ok(self.packed.column_absmax_into(out)?)
+    }
+
     /// A copy of the weights `[out, in]`, row-major.
     pub fn weight(&self) -> Vec<f32> {
         self.packed.unpack()

@@ -222,7 +222,20 @@ impl LayeredModel {
             )));
         }
         let _span = tracing::debug_span!("read_layer", index = i).entered();
-        build_block(cfg, self.weights.as_ref(), i)
+        let block = build_block(cfg, self.weights.as_ref(), i)?;
+        // Layer `i` lives under `<prefix>.<i>.` (`model.layers.3.input_layernorm`): have the
+        // kernel read layer `i + 1` from disk while this one is calibrated and quantized.
+        if i + 1 < cfg.num_layers {
+            let layer_prefix = block
+                .attn_norm
+                .name
+                .rsplit_once('.')
+                .and_then(|(p, _)| p.strip_suffix(&format!(".{i}")));
+            if let Some(p) = layer_prefix {
+                self.weights.prefetch_prefix(&format!("{p}.{}.", i + 1));
+            }
+        }
+        Ok(block)
     }
 
     /// Drop the mapped pages of the weights read so far (after each layer).

@@ -92,12 +92,19 @@ pub fn quantize_weight(
     fp: &FpLinear,
     granularity: WeightGranularity,
 ) -> Result<(Vec<i8>, WeightScales)> {
-    quantize_weight_values(
-        &fp.weight(),
-        fp.out_features(),
-        fp.in_features(),
-        granularity,
-    )
+    match granularity {
+        // Per channel from the packed weights, a block of rows at a time (no whole copy).
+        WeightGranularity::Channel => {
+            let (q, s) = sq_kernels::quantize_packed_weights_per_channel(fp.packed())?;
+            Ok((q, WeightScales::PerChannel(s)))
+        }
+        WeightGranularity::Tensor => quantize_weight_values(
+            &fp.weight(),
+            fp.out_features(),
+            fp.in_features(),
+            granularity,
+        ),
+    }
 }
 
 /// Symmetric INT8 quantization of `w` (`[n, k]` row-major): `(w_q, scales)`.

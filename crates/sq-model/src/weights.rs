@@ -16,6 +16,11 @@ pub trait WeightSource {
     /// Drop mapped pages read so far from the process (layer-by-layer runs); a no-op for
     /// weights held in memory.
     fn release_pages(&self) {}
+    /// Start reading the tensors named `prefix...` in the background (a layer-by-layer run
+    /// prefetches the next layer); a no-op for weights held in memory.
+    fn prefetch_prefix(&self, prefix: &str) {
+        let _ = prefix;
+    }
 }
 
 impl WeightSource for Checkpoint {
@@ -30,6 +35,9 @@ impl WeightSource for Checkpoint {
     }
     fn release_pages(&self) {
         Checkpoint::release_pages(self)
+    }
+    fn prefetch_prefix(&self, prefix: &str) {
+        Checkpoint::prefetch_prefix(self, prefix)
     }
 }
 
@@ -126,12 +134,76 @@ impl<'a> Prefixed<'a> {
     /// The full-precision Linear `prefix.leaf` (`weight` `[out, in]`, optional `bias` `[out]`).
     pub fn linear(&self, leaf: &str, out: usize, inp: usize) -> Result<NamedLinear> {
         let lp = self.pp(leaf);
-        let weight = lp.get("weight", &[out, inp])?;
         let bias = lp.get_opt("bias", &[out])?;
+        if let Some(packed) = lp.packed_weight(out, inp)? {
+            return Ok(NamedLinear::new(
+                lp.prefix(),
+                FpLinear::from_packed(packed, bias)?,
+            ));
+        }
+        let weight = lp.get("weight", &[out, inp])?;
         Ok(NamedLinear::new(
             lp.prefix(),
             FpLinear::new(weight, out, inp, bias)?,
         ))
+    }
+
+    /// `prefix.weight` converted to f32 straight into the GEMM's packed layout, in parallel,
+    /// when it is a contiguous bf16, f16 or f32 tensor of shape `[out, inp]` with finite values:
+    /// the same values as [`Prefixed::get`] then [`FpLinear::new`], without a whole f32 copy.
+    /// `None` otherwise (the caller takes the general path, which also names any bad value).
+    fn packed_weight(&self, out: usize, inp: usize) -> Result<Option<sq_kernels::PackedF32>> {
+        let Some(t) = self.source.tensor(&self.name("weight"))? else {
+            return Ok(None);
+        };
+        if t.shape() != [out, inp] || !t.is_contiguous() {
+            return Ok(None);
+        }
+        let view = t.view();
+        /// Stops the packing at a non-finite value.
+        struct Stop;
+        impl From<sq_kernels::KernelError> for Stop {
+            fn from(_: sq_kernels::KernelError) -> Stop {
+                Stop
+            }
+        }
+        fn pack<T: Copy + Sync>(
+            src: &[T],
+            out: usize,
+            inp: usize,
+            widen: impl Fn(T) -> f32 + Sync,
+        ) -> std::result::Result<sq_kernels::PackedF32, Stop> {
+            sq_kernels::pack_f32_rows(out, inp, |r0, rows: &mut [f32]| {
+                let src = &src[r0 * inp..r0 * inp + rows.len()];
+                let mut finite = true;
+                for (d, &s) in rows.iter_mut().zip(src) {
+                    let v = widen(s);
+                    finite &= v.is_finite();
+                    *d = v;
+                }
+                if finite {
+                    Ok(())
+                } else {
+                    Err(Stop)
+                }
+            })
+        }
+        let packed = match t.dtype() {
+            sq_tensor::DType::BF16 => match view.as_slice::<half::bf16>() {
+                Ok(src) => pack(src, out, inp, half::bf16::to_f32),
+                Err(_) => return Ok(None),
+            },
+            sq_tensor::DType::F16 => match view.as_slice::<half::f16>() {
+                Ok(src) => pack(src, out, inp, half::f16::to_f32),
+                Err(_) => return Ok(None),
+            },
+            sq_tensor::DType::F32 => match view.as_slice::<f32>() {
+                Ok(src) => pack(src, out, inp, |v| v),
+                Err(_) => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        Ok(packed.ok())
     }
 }
 

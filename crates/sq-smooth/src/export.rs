@@ -6,7 +6,9 @@ use sq_calib::StatsTable;
 use sq_model::quant::quantize_weight;
 use sq_model::{Block, Linear, Model, WeightGranularity};
 use sq_tensor::atomic::AtomicDir;
-use sq_tensor::{save_safetensors_sharded, Tensor, TensorSpill};
+use sq_tensor::{
+    save_safetensors_sharded, DType, PlacedFiles, Tensor, TensorSignature, TensorSpill,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -283,7 +285,69 @@ fn finish_native_dir(
 pub struct NativeStreamWriter {
     dir: AtomicDir,
     spill: TensorSpill,
+    /// The final files, laid out in advance ([`NativeStreamWriter::plan_layers`]): tensors
+    /// that fit their planned place are written there once, with no scratch copy.
+    placed: Option<PlacedFiles>,
+    /// The LM head and shard size the export will have ([`NativeStreamWriter::with_layout`]):
+    /// what a plan needs.
+    layout: Option<(LmHead, u64)>,
+    /// The LM head and shard size the layout was planned for.
+    planned_for: Option<(LmHead, u64)>,
     quantized_linears: usize,
+}
+
+/// The names, dtypes and shapes [`outer_native_tensors`] gives, without computing any data.
+fn outer_native_signatures(model: &Model, lm_head: LmHead) -> Vec<(String, TensorSignature)> {
+    let sig = |dtype, shape: &[usize]| TensorSignature {
+        dtype,
+        shape: shape.to_vec(),
+    };
+    let mut out = Vec::new();
+    let e = &model.embed;
+    let tied = model.config.tie_word_embeddings;
+    if !(lm_head == LmHead::Int8 && tied) {
+        out.push((
+            format!("{}.weight", e.name),
+            sig(DType::F32, &[model.embedding_rows(), e.dim]),
+        ));
+    }
+    if let Some(p) = &model.pos_embed {
+        out.push((
+            format!("{}.weight", p.name),
+            sig(DType::F32, &[p.weight.len() / p.dim.max(1), p.dim]),
+        ));
+    }
+    for norm in model.embed_norm.iter().chain(model.final_norm.iter()) {
+        let n = norm.weight.len();
+        out.push((format!("{}.weight", norm.name), sig(DType::F32, &[n])));
+        if norm.bias.is_some() {
+            out.push((format!("{}.bias", norm.name), sig(DType::F32, &[n])));
+        }
+    }
+    let fp_head = !tied && lm_head == LmHead::Fp32;
+    let fp_linears = model.project_in.iter().chain(model.project_out.iter());
+    for l in fp_linears.chain(fp_head.then_some(&model.lm_head)) {
+        let (n, k) = (l.linear.out_features(), l.linear.in_features());
+        out.push((format!("{}.weight", l.name), sig(DType::F32, &[n, k])));
+        if let Some(b) = l.as_fp().and_then(|f| f.bias()) {
+            out.push((format!("{}.bias", l.name), sig(DType::F32, &[b.len()])));
+        }
+    }
+    if lm_head == LmHead::Int8 {
+        let head = &model.lm_head;
+        let (n, k) = (head.linear.out_features(), head.linear.in_features());
+        let weight_name = if tied {
+            format!("{}.weight", model.embed.name)
+        } else {
+            format!("{}.weight", head.name)
+        };
+        out.push((weight_name, sig(DType::I8, &[n, k])));
+        out.push((format!("{}.weight_scale", head.name), sig(DType::F32, &[n])));
+        if head.as_fp().and_then(|f| f.bias()).is_some() {
+            out.push((format!("{}.bias", head.name), sig(DType::F32, &[n])));
+        }
+    }
+    out
 }
 
 impl NativeStreamWriter {
@@ -294,13 +358,79 @@ impl NativeStreamWriter {
         Ok(NativeStreamWriter {
             dir,
             spill,
+            placed: None,
+            layout: None,
+            planned_for: None,
             quantized_linears: 0,
         })
+    }
+
+    /// Say which LM head and shard size [`NativeStreamWriter::finish`] will be given, so that
+    /// [`NativeStreamWriter::plan_layers`] can lay the final files out in advance.
+    pub fn with_layout(mut self, lm_head: LmHead, max_shard_bytes: Option<u64>) -> Self {
+        self.layout = Some((lm_head, max_shard_bytes.unwrap_or(u64::MAX)));
+        self
+    }
+
+    /// Lay the final files out before anything is written, predicting every layer's tensors
+    /// from the first one's (`first`, the tensors of layer 0 under `<layer_prefix>.0.`; layers
+    /// of one model have the same tensors) and the tensors outside the layers from `shell`,
+    /// for the export given to [`NativeStreamWriter::with_layout`]. Tensors that then fit their
+    /// place are written once; the first that does not (or a different head or shard size at
+    /// [`NativeStreamWriter::finish`]) turns the writer back to the scratch file, with the same
+    /// result. Does nothing without a layout or once tensors were written.
+    pub fn plan_layers(
+        &mut self,
+        first: &[(String, Tensor)],
+        layer_prefix: &str,
+        layers: usize,
+        shell: &Model,
+    ) -> Result<()> {
+        let Some((lm_head, max_shard_bytes)) = self.layout else {
+            return Ok(());
+        };
+        if self.placed.is_some() || self.spill.bytes() > 0 || self.spill.names().next().is_some() {
+            return Ok(());
+        }
+        let zero = format!("{layer_prefix}.0.");
+        let mut plan = outer_native_signatures(shell, lm_head);
+        for j in 0..layers {
+            let at = format!("{layer_prefix}.{j}.");
+            for (name, t) in first {
+                let Some(rest) = name.strip_prefix(&zero) else {
+                    return Ok(());
+                };
+                plan.push((
+                    format!("{at}{rest}"),
+                    TensorSignature {
+                        dtype: t.dtype(),
+                        shape: t.shape().to_vec(),
+                    },
+                ));
+            }
+        }
+        let mut names: Vec<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Ok(());
+        }
+        self.placed = Some(PlacedFiles::create(
+            self.dir.path(),
+            &plan,
+            Some(&file_metadata()),
+            max_shard_bytes,
+        )?);
+        self.planned_for = Some((lm_head, max_shard_bytes));
+        Ok(())
     }
 
     /// Append one layer's tensors (from [`native_layer_tensors`]), holding
     /// `quantized_linears` quantized Linears.
     pub fn write(&mut self, tensors: &[(String, Tensor)], quantized_linears: usize) -> Result<()> {
+        if self.write_placed(tensors)? {
+            self.quantized_linears += quantized_linears;
+            return Ok(());
+        }
         for (name, t) in tensors {
             self.spill.push(name, t)?;
         }
@@ -308,9 +438,27 @@ impl NativeStreamWriter {
         Ok(())
     }
 
-    /// Bytes of tensor data written so far.
-    pub fn bytes(&self) -> u64 {
-        self.spill.bytes()
+    /// Write `tensors` to their planned places when they all have one (true); otherwise give
+    /// the plan up, keeping what it holds for the scratch path (false).
+    fn write_placed(&mut self, tensors: &[(String, Tensor)]) -> Result<bool> {
+        let Some(placed) = self.placed.as_mut() else {
+            return Ok(false);
+        };
+        if tensors
+            .iter()
+            .all(|(n, t)| placed.fits(n, t.dtype(), t.shape()))
+        {
+            for (name, t) in tensors {
+                placed.write(name, t)?;
+            }
+            return Ok(true);
+        }
+        tracing::debug!(
+            "the layer's tensors differ from the planned layout: writing via the scratch file"
+        );
+        let placed = self.placed.take().expect("checked above");
+        self.spill.adopt(placed)?;
+        Ok(false)
     }
 
     /// Add the tensors of `shell` outside the decoder layers, write the weights file, config and
@@ -321,19 +469,40 @@ impl NativeStreamWriter {
         hf_config: &serde_json::Value,
         info: &ExportInfo,
     ) -> Result<()> {
-        for (name, t) in outer_native_tensors(shell, info.lm_head)? {
-            self.spill.push(&name, &t)?;
+        let outer = outer_native_tensors(shell, info.lm_head)?;
+        let max_shard_bytes = info.max_shard_bytes.unwrap_or(u64::MAX);
+        if self.planned_for != Some((info.lm_head, max_shard_bytes)) {
+            if let Some(placed) = self.placed.take() {
+                self.spill.adopt(placed)?;
+            }
+        }
+        let outer_written = self.write_placed(&outer)?;
+        if let Some(placed) = self.placed.take() {
+            if placed.complete() {
+                placed.finish()?;
+                let NativeStreamWriter {
+                    dir,
+                    spill,
+                    quantized_linears,
+                    ..
+                } = self;
+                spill.discard()?;
+                return finish_native_dir(dir, hf_config, info, quantized_linears);
+            }
+            self.spill.adopt(placed)?;
+        }
+        if !outer_written {
+            for (name, t) in &outer {
+                self.spill.push(name, t)?;
+            }
         }
         let NativeStreamWriter {
             dir,
             spill,
             quantized_linears,
+            ..
         } = self;
-        spill.finish(
-            dir.path(),
-            Some(&file_metadata()),
-            info.max_shard_bytes.unwrap_or(u64::MAX),
-        )?;
+        spill.finish(dir.path(), Some(&file_metadata()), max_shard_bytes)?;
         finish_native_dir(dir, hf_config, info, quantized_linears)
     }
 }

@@ -1,7 +1,7 @@
 //! Folding smoothing scales into a model: `1/s` into the norm, `s` into the Linears' inputs.
 
 use crate::groups::{Fold, SmoothGroup};
-use crate::{smoothing_scales, weight_absmax_per_input_channel, Result, SmoothError};
+use crate::{smoothing_scales, Result, SmoothError};
 use sq_calib::StatsTable;
 use sq_model::{Linear, Model};
 use std::collections::BTreeMap;
@@ -107,7 +107,8 @@ pub fn smooth_model(
             })?
             .clone();
         let in_features = act.channel_absmax().len();
-        let mut weights = Vec::with_capacity(group.linears.len());
+        // The weight range per input channel, read from the packed weights in place.
+        let mut w_absmax = vec![0.0f32; in_features];
         for name in &group.linears {
             let linear = model
                 .linears()
@@ -128,10 +129,9 @@ pub fn smooth_model(
                     ),
                 });
             }
-            weights.push(fp.weight());
+            fp.input_channel_absmax_into(&mut w_absmax)
+                .map_err(|e| SmoothError::Config(format!("`{name}`: {e}")))?;
         }
-        let refs: Vec<&[f32]> = weights.iter().map(Vec::as_slice).collect();
-        let w_absmax = weight_absmax_per_input_channel(&refs, in_features)?;
         let a = alpha.for_group(group.name());
         let scales = group_scales(group, act.channel_absmax(), &w_absmax, a)?;
 
@@ -146,13 +146,9 @@ pub fn smooth_model(
             }
         }
         for name in &group.linears {
-            fp_mut(model, name)?.update_weight(|w| {
-                for row in w.chunks_exact_mut(in_features) {
-                    for (w, s) in row.iter_mut().zip(&scales) {
-                        *w *= s;
-                    }
-                }
-            })?;
+            fp_mut(model, name)?
+                .scale_input_channels(&scales)
+                .map_err(|e| SmoothError::Config(format!("`{name}`: {e}")))?;
             if let Some(st) = stats.get_mut(name) {
                 st.scale_channels(&scales);
             }
@@ -219,7 +215,7 @@ fn fold_into_rows(
     scales: &[f32],
 ) -> Result<()> {
     let fp = fp_mut(model, producer)?;
-    let (n, k) = (fp.out_features(), fp.in_features());
+    let n = fp.out_features();
     let mut row_scale: Vec<Option<f32>> = vec![None; n];
     for (c, &s) in scales.iter().enumerate() {
         let r = group.fold.producer_row(c);
@@ -232,13 +228,8 @@ fn fold_into_rows(
         })?;
         *slot = Some(s);
     }
-    fp.update_weight(|w| {
-        for (row, s) in w.chunks_exact_mut(k.max(1)).zip(&row_scale) {
-            if let Some(s) = s {
-                row.iter_mut().for_each(|v| *v /= s);
-            }
-        }
-    })?;
+    fp.divide_output_rows(&row_scale)
+        .map_err(|e| SmoothError::Config(format!("`{producer}`: {e}")))?;
     if let Some(b) = fp.bias_mut() {
         for (v, s) in b.iter_mut().zip(&row_scale) {
             if let Some(s) = s {

@@ -168,6 +168,17 @@ pub fn run_layers(
                 let tensors = native_layer_tensors(&shell.layers[0], &plan.recipe, Some(&stats))?;
                 timings.quantize += start.elapsed();
                 let start = Instant::now();
+                if i == 0 {
+                    // Layer 0 lives under `<prefix>.0.` (`model.layers.0.input_layernorm`).
+                    let prefix = shell.layers[0]
+                        .attn_norm
+                        .name
+                        .rsplit_once('.')
+                        .and_then(|(p, _)| p.strip_suffix(".0"));
+                    if let Some(prefix) = prefix {
+                        w.plan_layers(&tensors, prefix, total, shell)?;
+                    }
+                }
                 w.write(&tensors, shell.layers[0].linears().len())?;
                 timings.write += start.elapsed();
             }

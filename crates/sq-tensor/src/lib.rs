@@ -45,8 +45,8 @@ mod storage;
 mod tensor;
 
 pub use crate::safetensors::{
-    save_safetensors, save_safetensors_sharded, write_safetensors, Checkpoint, SafetensorsFile,
-    StoredTensorInfo, TensorSource, TensorSpill,
+    save_safetensors, save_safetensors_sharded, write_safetensors, Checkpoint, PlacedFiles,
+    SafetensorsFile, StoredTensorInfo, TensorSignature, TensorSource, TensorSpill,
 };
 pub use dtype::{DType, Element};
 pub use error::{Result, TensorError};

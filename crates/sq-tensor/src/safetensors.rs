@@ -146,6 +146,26 @@ impl SafetensorsFile {
         }
     }
 
+    /// Ask the kernel to read the data of `name` into the page cache in the background
+    /// (`madvise(WILLNEED)`; nothing is mapped into the process, so RSS does not grow): a
+    /// layer-by-layer pass reads the next layer from disk while it computes on this one.
+    pub fn prefetch(&self, name: &str) {
+        #[cfg(unix)]
+        if let Ok(info) = self.raw_info(name) {
+            let (start, end) = info.data_offsets;
+            let page = 4096;
+            let lo = (self.data_start + start) / page * page;
+            let hi = (self.data_start + end).min(self.mmap.len());
+            if hi > lo {
+                let _ = self
+                    .mmap
+                    .advise_range(memmap2::Advice::WillNeed, lo, hi - lo);
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// Every tensor, by name (zero-copy).
     pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         self.names()
@@ -399,6 +419,17 @@ impl Checkpoint {
         self.file_of(name)?.tensor(name)
     }
 
+    /// Start reading the tensors whose names begin with `prefix` into the page cache (see
+    /// [`SafetensorsFile::prefetch`]).
+    pub fn prefetch_prefix(&self, prefix: &str) {
+        for (name, &id) in self.by_name.range(prefix.to_string()..) {
+            if !name.starts_with(prefix) {
+                break;
+            }
+            self.files[id].prefetch(name);
+        }
+    }
+
     /// Drop every mapped page of every shard from the process (see
     /// [`SafetensorsFile::release_pages`]).
     pub fn release_pages(&self) {
@@ -427,6 +458,9 @@ pub struct TensorSpill {
     file: File,
     entries: Vec<(String, SpilledTensor)>,
     len: u64,
+    /// Files of [`PlacedFiles`] given up ([`TensorSpill::adopt`]): their tensors are read back
+    /// from them, and they are deleted at the end.
+    adopted: Vec<(PathBuf, File)>,
 }
 
 /// A tensor's place in a [`TensorSpill`].
@@ -434,6 +468,8 @@ pub struct TensorSpill {
 struct SpilledTensor {
     dtype: DType,
     shape: Vec<usize>,
+    /// 0: the spill file; `i > 0`: adopted file `i - 1`.
+    file: usize,
     offset: u64,
     len: u64,
 }
@@ -455,6 +491,7 @@ impl TensorSpill {
             file,
             entries: Vec::new(),
             len: 0,
+            adopted: Vec::new(),
         })
     }
 
@@ -482,6 +519,7 @@ impl TensorSpill {
             SpilledTensor {
                 dtype: tensor.dtype(),
                 shape: tensor.shape().to_vec(),
+                file: 0,
                 offset: self.len,
                 len: written,
             },
@@ -523,9 +561,305 @@ impl TensorSpill {
             .collect();
         let written = save_safetensors_sharded(dir, &sources, metadata, max_shard_bytes)?;
         drop(sources);
-        let TensorSpill { path, file, .. } = self;
+        let TensorSpill {
+            path,
+            file,
+            adopted,
+            ..
+        } = self;
         drop(file);
         std::fs::remove_file(&path).map_err(|e| TensorError::io(&path, "removing", e))?;
+        for (path, file) in adopted {
+            drop(file);
+            std::fs::remove_file(&path).map_err(|e| TensorError::io(&path, "removing", e))?;
+        }
+        Ok(written)
+    }
+
+    /// Delete the scratch file (and any adopted files) without writing anything: the tensors
+    /// went elsewhere.
+    pub fn discard(self) -> Result<()> {
+        let TensorSpill {
+            path,
+            file,
+            adopted,
+            ..
+        } = self;
+        drop(file);
+        std::fs::remove_file(&path).map_err(|e| TensorError::io(&path, "removing", e))?;
+        for (path, file) in adopted {
+            drop(file);
+            std::fs::remove_file(&path).map_err(|e| TensorError::io(&path, "removing", e))?;
+        }
+        Ok(())
+    }
+
+    /// Take over the tensors written so far into `placed` (whose layout turned out wrong):
+    /// they are read back from its files at [`TensorSpill::finish`], like spilled ones.
+    pub fn adopt(&mut self, placed: PlacedFiles) -> Result<()> {
+        let PlacedFiles { files, slots, .. } = placed;
+        let base = self.adopted.len() + 1;
+        for (name, slot) in slots {
+            if !slot.written {
+                continue;
+            }
+            if self.entries.iter().any(|(n, _)| *n == name) {
+                return Err(TensorError::Write {
+                    path: self.path.clone(),
+                    name,
+                    reason: "a tensor of that name was already written".into(),
+                });
+            }
+            self.entries.push((
+                name,
+                SpilledTensor {
+                    dtype: slot.dtype,
+                    shape: slot.shape,
+                    file: base + slot.file,
+                    offset: slot.offset,
+                    len: slot.len,
+                },
+            ));
+        }
+        self.adopted
+            .extend(files.into_iter().map(|f| (f.temp, f.file)));
+        Ok(())
+    }
+}
+
+/// Tensors written straight to their final place in the safetensors files of a layout known in
+/// advance (names, dtypes and shapes of every tensor): a model quantized layer by layer is
+/// written once, without a scratch copy. [`PlacedFiles::finish`] gives the files
+/// [`save_safetensors_sharded`] writes for the same tensors, byte for byte, once every planned
+/// tensor was written; until then the files have temporary names.
+pub struct PlacedFiles {
+    dir: PathBuf,
+    files: Vec<PlacedFile>,
+    slots: BTreeMap<String, Slot>,
+    /// Total bytes and the weight map, when sharded (an index is written).
+    index: Option<(u64, serde_json::Map<String, serde_json::Value>)>,
+}
+
+struct PlacedFile {
+    temp: PathBuf,
+    target: PathBuf,
+    file: File,
+}
+
+struct Slot {
+    dtype: DType,
+    shape: Vec<usize>,
+    file: usize,
+    offset: u64,
+    len: u64,
+    written: bool,
+}
+
+/// A tensor known by its dtype and shape only: the layout of a file to fill later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSignature {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSource for TensorSignature {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn write_data(&self, _: &mut dyn Write) -> Result<()> {
+        Err(TensorError::Write {
+            path: PathBuf::from("<layout>"),
+            name: "<signature>".into(),
+            reason: "a tensor signature holds no data".into(),
+        })
+    }
+}
+
+/// Writes at increasing positions of a file (positioned writes, no shared cursor).
+struct PositionedWriter<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Write for PositionedWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            let n = self.file.write_at(buf, self.pos)?;
+            self.pos += n as u64;
+            Ok(n)
+        }
+        #[cfg(not(unix))]
+        {
+            use std::io::{Seek, SeekFrom};
+            let mut f = self.file;
+            f.seek(SeekFrom::Start(self.pos))?;
+            let n = f.write(buf)?;
+            self.pos += n as u64;
+            Ok(n)
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl PlacedFiles {
+    /// Lay out `plan` in `dir` as [`save_safetensors_sharded`] would (headers written now,
+    /// data left to [`PlacedFiles::write`]).
+    pub fn create(
+        dir: impl AsRef<Path>,
+        plan: &[(String, TensorSignature)],
+        metadata: Option<&BTreeMap<String, String>>,
+        max_shard_bytes: u64,
+    ) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let (shards, total) = shard_plan(plan, max_shard_bytes);
+        let sharded = !(shards.len() == 1 && total <= max_shard_bytes);
+        let n = shards.len();
+        let mut files = Vec::with_capacity(n);
+        let mut slots = BTreeMap::new();
+        let mut weight_map = serde_json::Map::new();
+        for (k, shard) in shards.iter().enumerate() {
+            let name = if sharded {
+                shard_name(k, n)
+            } else {
+                "model.safetensors".to_string()
+            };
+            let target = dir.join(&name);
+            let temp = dir.join(format!(".{name}.placed"));
+            let part: Vec<(String, &TensorSignature)> = shard
+                .iter()
+                .map(|&i| (plan[i].0.clone(), &plan[i].1))
+                .collect();
+            let (order, header) = safetensors_header(&part, metadata, &target)?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temp)
+                .map_err(|e| TensorError::io(&temp, "creating", e))?;
+            let mut offset = header.len() as u64;
+            PositionedWriter {
+                file: &file,
+                pos: 0,
+            }
+            .write_all(&header)
+            .map_err(|e| TensorError::io(&temp, "writing", e))?;
+            for i in order {
+                let (tname, sig) = &part[i];
+                let len = (sig.shape.iter().product::<usize>() * sig.dtype.size_in_bytes()) as u64;
+                if slots.contains_key(tname) {
+                    return Err(TensorError::Write {
+                        path: target.clone(),
+                        name: tname.clone(),
+                        reason: "a tensor of that name is planned twice".into(),
+                    });
+                }
+                slots.insert(
+                    tname.clone(),
+                    Slot {
+                        dtype: sig.dtype,
+                        shape: sig.shape.clone(),
+                        file: k,
+                        offset,
+                        len,
+                        written: false,
+                    },
+                );
+                weight_map.insert(tname.clone(), name.clone().into());
+                offset += len;
+            }
+            file.set_len(offset)
+                .map_err(|e| TensorError::io(&temp, "sizing", e))?;
+            files.push(PlacedFile { temp, target, file });
+        }
+        Ok(PlacedFiles {
+            dir,
+            files,
+            slots,
+            index: sharded.then_some((total, weight_map)),
+        })
+    }
+
+    /// Whether `name` was planned with this dtype and shape and is not written yet.
+    pub fn fits(&self, name: &str, dtype: DType, shape: &[usize]) -> bool {
+        self.slots
+            .get(name)
+            .is_some_and(|s| !s.written && s.dtype == dtype && s.shape == shape)
+    }
+
+    /// Write the data of `name` at its place; it must [`fit`](PlacedFiles::fits).
+    pub fn write<S: TensorSource>(&mut self, name: &str, tensor: &S) -> Result<()> {
+        if !self.fits(name, tensor.dtype(), tensor.shape()) {
+            return Err(TensorError::Write {
+                path: self.dir.clone(),
+                name: name.to_string(),
+                reason: "not planned with this dtype and shape, or already written".into(),
+            });
+        }
+        let slot = self.slots.get_mut(name).expect("checked by fits");
+        let f = &self.files[slot.file];
+        let mut writer = std::io::BufWriter::with_capacity(
+            1 << 20,
+            PositionedWriter {
+                file: &f.file,
+                pos: slot.offset,
+            },
+        );
+        let mut counter = CountingWriter {
+            inner: &mut writer,
+            count: 0,
+        };
+        tensor.write_data(&mut counter)?;
+        let written = counter.count;
+        writer
+            .flush()
+            .map_err(|e| TensorError::io(&f.temp, "writing", e))?;
+        if written != slot.len {
+            return Err(TensorError::Write {
+                path: f.temp.clone(),
+                name: name.to_string(),
+                reason: format!("wrote {written} bytes into a place of {}", slot.len),
+            });
+        }
+        slot.written = true;
+        Ok(())
+    }
+
+    /// Whether every planned tensor was written.
+    pub fn complete(&self) -> bool {
+        self.slots.values().all(|s| s.written)
+    }
+
+    /// Give the files their names (and write the index of a sharded layout). Every planned
+    /// tensor must have been written. Returns the files written.
+    pub fn finish(self) -> Result<Vec<PathBuf>> {
+        if let Some((name, _)) = self.slots.iter().find(|(_, s)| !s.written) {
+            return Err(TensorError::Write {
+                path: self.dir.clone(),
+                name: name.clone(),
+                reason: "planned but never written".into(),
+            });
+        }
+        let mut written = Vec::with_capacity(self.files.len() + 1);
+        for f in self.files {
+            f.file
+                .sync_all()
+                .map_err(|e| TensorError::io(&f.temp, "syncing", e))?;
+            drop(f.file);
+            std::fs::rename(&f.temp, &f.target)
+                .map_err(|e| TensorError::io(&f.target, "renaming", e))?;
+            written.push(f.target);
+        }
+        if let Some((total, weight_map)) = self.index {
+            written.push(write_index(&self.dir, total, weight_map)?);
+        }
         Ok(written)
     }
 }
@@ -544,16 +878,22 @@ impl TensorSource for SpillSource<'_> {
     }
     fn write_data(&self, out: &mut dyn Write) -> Result<()> {
         use std::io::{Read, Seek, SeekFrom};
-        let mut file = &self.spill.file;
+        let (path, mut file) = match self.tensor.file {
+            0 => (&self.spill.path, &self.spill.file),
+            i => {
+                let (p, f) = &self.spill.adopted[i - 1];
+                (p, f)
+            }
+        };
         let mut buf = vec![0u8; (1 << 22).min(self.tensor.len as usize)];
         let mut done = 0u64;
         while done < self.tensor.len {
             let n = buf.len().min((self.tensor.len - done) as usize);
             file.seek(SeekFrom::Start(self.tensor.offset + done))
                 .and_then(|_| file.read_exact(&mut buf[..n]))
-                .map_err(|e| TensorError::io(&self.spill.path, "reading back", e))?;
+                .map_err(|e| TensorError::io(path, "reading back", e))?;
             out.write_all(&buf[..n])
-                .map_err(|e| TensorError::io(&self.spill.path, "copying", e))?;
+                .map_err(|e| TensorError::io(path, "copying", e))?;
             done += n as u64;
         }
         Ok(())
@@ -635,6 +975,44 @@ pub fn write_safetensors<S: TensorSource>(
     metadata: Option<&BTreeMap<String, String>>,
     path_for_errors: &Path,
 ) -> Result<()> {
+    let (order, header) = safetensors_header(tensors, metadata, path_for_errors)?;
+    let io = |e| TensorError::io(path_for_errors, "writing", e);
+    out.write_all(&header).map_err(io)?;
+    for &i in &order {
+        let (name, t) = &tensors[i];
+        let expected = (t.shape().iter().product::<usize>() * t.dtype().size_in_bytes()) as u64;
+        let mut counter = CountingWriter {
+            inner: out,
+            count: 0,
+        };
+        t.write_data(&mut counter).map_err(|e| TensorError::Write {
+            path: path_for_errors.to_path_buf(),
+            name: name.clone(),
+            reason: e.to_string(),
+        })?;
+        if counter.count != expected {
+            return Err(TensorError::Write {
+                path: path_for_errors.to_path_buf(),
+                name: name.clone(),
+                reason: format!(
+                    "wrote {} bytes for shape {:?} of {}, expected {expected}",
+                    counter.count,
+                    t.shape(),
+                    t.dtype()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The order of `tensors` in a safetensors file and the bytes before their data (the header
+/// length, then the padded JSON header): what [`write_safetensors`] writes first.
+fn safetensors_header<S: TensorSource>(
+    tensors: &[(String, S)],
+    metadata: Option<&BTreeMap<String, String>>,
+    path_for_errors: &Path,
+) -> Result<(Vec<usize>, Vec<u8>)> {
     let order = file_order(tensors);
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
@@ -683,36 +1061,9 @@ pub fn write_safetensors<S: TensorSource>(
     }
     let mut header = serde_json::to_vec(&map).map_err(|e| header_error(e.to_string()))?;
     header.resize(header.len().next_multiple_of(8), b' ');
-    let io = |e| TensorError::io(path_for_errors, "writing", e);
-    out.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    out.write_all(&header).map_err(io)?;
-    for &i in &order {
-        let (name, t) = &tensors[i];
-        let expected = (t.shape().iter().product::<usize>() * t.dtype().size_in_bytes()) as u64;
-        let mut counter = CountingWriter {
-            inner: out,
-            count: 0,
-        };
-        t.write_data(&mut counter).map_err(|e| TensorError::Write {
-            path: path_for_errors.to_path_buf(),
-            name: name.clone(),
-            reason: e.to_string(),
-        })?;
-        if counter.count != expected {
-            return Err(TensorError::Write {
-                path: path_for_errors.to_path_buf(),
-                name: name.clone(),
-                reason: format!(
-                    "wrote {} bytes for shape {:?} of {}, expected {expected}",
-                    counter.count,
-                    t.shape(),
-                    t.dtype()
-                ),
-            });
-        }
-    }
-    Ok(())
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    Ok((order, bytes))
 }
 
 /// The order tensors take in a file: dtype size (largest first), then name.
@@ -742,12 +1093,43 @@ pub fn save_safetensors_sharded<S: TensorSource>(
     max_shard_bytes: u64,
 ) -> Result<Vec<PathBuf>> {
     let dir = dir.as_ref();
-    let bytes = |t: &S| (t.shape().iter().product::<usize>() * t.dtype().size_in_bytes()) as u64;
-    let total: u64 = tensors.iter().map(|(_, t)| bytes(t)).sum();
-    if total <= max_shard_bytes {
+    let (shards, total) = shard_plan(tensors, max_shard_bytes);
+    if shards.len() == 1 && total <= max_shard_bytes {
         let path = dir.join("model.safetensors");
         save_safetensors(&path, tensors, metadata)?;
         return Ok(vec![path]);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut written = Vec::with_capacity(n + 1);
+    for (k, shard) in shards.iter().enumerate() {
+        let file = shard_name(k, n);
+        let part: Vec<(String, &S)> = shard
+            .iter()
+            .map(|&i| (tensors[i].0.clone(), &tensors[i].1))
+            .collect();
+        let path = dir.join(&file);
+        save_safetensors(&path, &part, metadata)?;
+        for (name, _) in &part {
+            weight_map.insert(name.clone(), file.clone().into());
+        }
+        written.push(path);
+    }
+    written.push(write_index(dir, total, weight_map)?);
+    Ok(written)
+}
+
+/// How [`save_safetensors_sharded`] cuts `tensors` into files (indices into `tensors`, in file
+/// order), and their total bytes. One part holding everything within `max_shard_bytes` is
+/// written as `model.safetensors` without an index.
+fn shard_plan<S: TensorSource>(
+    tensors: &[(String, S)],
+    max_shard_bytes: u64,
+) -> (Vec<Vec<usize>>, u64) {
+    let bytes = |t: &S| (t.shape().iter().product::<usize>() * t.dtype().size_in_bytes()) as u64;
+    let total: u64 = tensors.iter().map(|(_, t)| bytes(t)).sum();
+    if total <= max_shard_bytes {
+        return (vec![file_order(tensors)], total);
     }
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut size = 0u64;
@@ -760,22 +1142,19 @@ pub fn save_safetensors_sharded<S: TensorSource>(
         size += b;
         shards.last_mut().expect("one shard at least").push(i);
     }
-    let n = shards.len();
-    let mut weight_map = serde_json::Map::new();
-    let mut written = Vec::with_capacity(n + 1);
-    for (k, shard) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
-        let part: Vec<(String, &S)> = shard
-            .iter()
-            .map(|&i| (tensors[i].0.clone(), &tensors[i].1))
-            .collect();
-        let path = dir.join(&file);
-        save_safetensors(&path, &part, metadata)?;
-        for (name, _) in &part {
-            weight_map.insert(name.clone(), file.clone().into());
-        }
-        written.push(path);
-    }
+    (shards, total)
+}
+
+fn shard_name(k: usize, n: usize) -> String {
+    format!("model-{:05}-of-{n:05}.safetensors", k + 1)
+}
+
+/// `model.safetensors.index.json` of a sharded checkpoint.
+fn write_index(
+    dir: &Path,
+    total: u64,
+    weight_map: serde_json::Map<String, serde_json::Value>,
+) -> Result<PathBuf> {
     let index = serde_json::json!({
         "metadata": {"total_size": total},
         "weight_map": weight_map,
@@ -790,8 +1169,7 @@ pub fn save_safetensors_sharded<S: TensorSource>(
         w.write_all(text.as_bytes())
             .map_err(|e| TensorError::io(&path, "writing", e))
     })?;
-    written.push(path);
-    Ok(written)
+    Ok(path)
 }
 
 /// Save `tensors` to `path` atomically: a temporary file beside it, fsync, rename. On any

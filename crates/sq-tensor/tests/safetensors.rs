@@ -459,3 +459,91 @@ fn same_inputs_give_the_same_bytes() {
         "safetensors output is not deterministic"
     );
 }
+
+/// Every file of `dir` (name and bytes), sorted.
+fn dir_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Tensors written to their planned places give the files `save_safetensors_sharded` writes,
+/// whole or sharded; a plan given up half way (a tensor that does not fit) hands what it holds
+/// to the scratch path, with the same result.
+#[test]
+fn placed_files_equal_the_sharded_save() {
+    use sq_tensor::{save_safetensors_sharded, PlacedFiles, TensorSignature, TensorSpill};
+    let tensors: Vec<(String, Tensor)> = vec![
+        ("b.weight".into(), sample(DType::I8, &[8, 5], 1)),
+        ("a.weight".into(), sample(DType::I8, &[3, 7], 2)),
+        ("a.weight_scale".into(), sample(DType::F32, &[3], 3)),
+        ("norm.weight".into(), sample(DType::F32, &[5], 4)),
+        ("embed.weight".into(), sample(DType::F32, &[4, 6], 5)),
+    ];
+    let plan: Vec<(String, TensorSignature)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                TensorSignature {
+                    dtype: t.dtype(),
+                    shape: t.shape().to_vec(),
+                },
+            )
+        })
+        .collect();
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    for max in [u64::MAX, 64, 1] {
+        let want = tempfile::tempdir().unwrap();
+        save_safetensors_sharded(want.path(), &tensors, Some(&meta), max).unwrap();
+
+        let got = tempfile::tempdir().unwrap();
+        let mut placed = PlacedFiles::create(got.path(), &plan, Some(&meta), max).unwrap();
+        for (name, t) in tensors.iter().rev() {
+            assert!(!placed.complete());
+            assert!(placed.fits(name, t.dtype(), t.shape()));
+            placed.write(name, t).unwrap();
+            assert!(!placed.fits(name, t.dtype(), t.shape()), "written twice");
+        }
+        assert!(!placed.fits("a.weight", DType::F32, &[3, 7]));
+        assert!(placed.complete());
+        placed.finish().unwrap();
+        assert_eq!(dir_files(got.path()), dir_files(want.path()), "max {max}");
+
+        // Given up after two tensors: the rest goes through the scratch file.
+        let fallback = tempfile::tempdir().unwrap();
+        let mut placed = PlacedFiles::create(fallback.path(), &plan, Some(&meta), max).unwrap();
+        for (name, t) in &tensors[..2] {
+            placed.write(name, t).unwrap();
+        }
+        let scratch = tempfile::tempdir().unwrap();
+        let mut spill = TensorSpill::create(scratch.path().join("spill")).unwrap();
+        spill.adopt(placed).unwrap();
+        for (name, t) in &tensors[2..] {
+            spill.push(name, t).unwrap();
+        }
+        spill.finish(fallback.path(), Some(&meta), max).unwrap();
+        assert_eq!(
+            dir_files(fallback.path()),
+            dir_files(want.path()),
+            "fallback, max {max}"
+        );
+    }
+    // An unfinished plan is an error, and nothing gets the final names.
+    let dir = tempfile::tempdir().unwrap();
+    let mut placed = PlacedFiles::create(dir.path(), &plan, None, u64::MAX).unwrap();
+    placed.write("a.weight", &tensors[1].1).unwrap();
+    assert!(placed.write("a.weight", &tensors[1].1).is_err());
+    assert!(placed.write("zzz", &tensors[1].1).is_err());
+    assert!(placed.finish().is_err());
+    assert!(!dir.path().join("model.safetensors").exists());
+}

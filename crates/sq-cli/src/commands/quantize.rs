@@ -26,6 +26,8 @@ struct Streamed {
     writer: NativeStreamWriter,
     outcome: LayerOutcome,
     started: std::time::Instant,
+    /// Reading the shell (embeddings, final norm, LM head) before the layers.
+    open: std::time::Duration,
 }
 
 /// Calibrate, smooth, quantize and write every decoder layer in turn (`--stream`).
@@ -61,7 +63,9 @@ fn stream_layers(
         Some(p) => Some(load_act_scales(p)?),
         None => None,
     };
+    let opening = std::time::Instant::now();
     let mut model = open_layered(&a.model, show)?;
+    let open = opening.elapsed();
     let tokens = match &text {
         Some(t) => model.tokenizer.encode(t)?,
         None => Vec::new(),
@@ -94,7 +98,8 @@ fn stream_layers(
         backend: Some(backend),
     };
     let mut writer = NativeStreamWriter::create(&a.out, a.force)
-        .with_context(|| format!("cannot write the quantized model to {}", a.out.display()))?;
+        .with_context(|| format!("cannot write the quantized model to {}", a.out.display()))?
+        .with_layout(a.quant.lm_head.into(), Some(a.shard_size));
     let _span = tracing::info_span!("quantize_layers", layers = model.num_layers()).entered();
     let pb = bar(model.num_layers() as u64, "quantizing layer by layer", show);
     let outcome = run_layers(&mut model, &plan, Some(&mut writer), |d, _| {
@@ -112,6 +117,7 @@ fn stream_layers(
         writer,
         outcome,
         started,
+        open,
     })
 }
 
@@ -317,11 +323,13 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
                 writer,
                 outcome,
                 started,
+                open,
             } = *s;
             let start = std::time::Instant::now();
             let done = writer.finish(&model.shell, &model.hf_config, &info);
             let mut timings = outcome.timings;
             timings.write += start.elapsed();
+            timings.read += open;
             let seconds = started.elapsed().as_secs_f64();
             streamed_report = Some(serde_json::json!({
                 "layers": outcome.layers,
