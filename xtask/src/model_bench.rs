@@ -90,7 +90,9 @@ pub fn run(root: &Path, o: &Options) -> Result<serde_json::Value> {
                 .arg("--calib-data")
                 .arg(shared.join(CALIB))
                 .args(["--calib-samples", "32", "--calib-seq-len", "512", "--out"])
-                .arg(&act_scales),
+                .arg(&act_scales)
+                // Its summary goes to stderr: with --json, stdout is one JSON object.
+                .stdout(std::process::Stdio::from(std::io::stderr())),
         )?;
     }
     let mut runs = Vec::new();

@@ -41,14 +41,36 @@ fn silu_loop(xs: &mut [f32]) {
     }
 }
 
+/// Lanes of the softmax reductions: independent partial maxima and sums let the compiler keep
+/// them in one vector register (a single running f32 sum would serialize the loop).
+const LANES: usize = 16;
+
 #[inline(always)]
 fn softmax_loop(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
+    let mut lane_max = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lane_max.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lane_max)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     for s in row.iter_mut() {
         *s = exp(*s - max);
-        sum += *s;
     }
+    let mut lane_sum = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in lane_sum.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let sum: f32 = lane_sum.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
     let inv = 1.0 / sum;
     for s in row.iter_mut() {
         *s *= inv;
