@@ -33,18 +33,7 @@ pub fn kernels(root: &Path, args: &[String]) -> Result<()> {
         }
     }
     eprintln!("compiling the CUDA kernels for {arch} with NVRTC (via cudarc)");
-    let status = Command::new("cargo")
-        .args([
-            "run",
-            "-q",
-            "-p",
-            "sq-kernels",
-            "--features",
-            "cuda",
-            "--example",
-            "cuda_kernels",
-            "--",
-        ])
+    let status = crate::kernels_example("cuda_kernels", false, Some("cuda"))
         .args(args)
         .status()
         .context("running the cuda_kernels example")?;
@@ -130,21 +119,8 @@ fn nvcc(root: &Path, arch: &str) -> Result<()> {
 /// `cargo xtask bench gemm --device cuda[:N] [--json]`: the GPU GEMM suite
 /// (`sq_kernels::cuda::bench`), built in release mode.
 pub fn bench_gemm(ordinal: usize, json: bool) -> Result<()> {
-    let mut cmd = Command::new("cargo");
-    cmd.args([
-        "run",
-        "--release",
-        "-q",
-        "-p",
-        "sq-kernels",
-        "--features",
-        "cuda",
-        "--example",
-        "cuda_gemm_bench",
-        "--",
-        "--device",
-    ])
-    .arg(ordinal.to_string());
+    let mut cmd = crate::kernels_example("cuda_gemm_bench", true, Some("cuda"));
+    cmd.arg("--device").arg(ordinal.to_string());
     if json {
         cmd.arg("--json");
     }

@@ -6,7 +6,7 @@
 //! that users never run.
 
 use anyhow::{bail, Context};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 /// Runs the suite and returns what it printed: the JSON report or the table.
 pub fn report(threads: Option<usize>, json: bool) -> anyhow::Result<String> {
@@ -15,19 +15,8 @@ pub fn report(threads: Option<usize>, json: bool) -> anyhow::Result<String> {
         Some(t) => t,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args([
-        "run",
-        "--release",
-        "-q",
-        "-p",
-        "sq-kernels",
-        "--example",
-        "gemm_bench",
-        "--",
-        "--threads",
-    ])
-    .arg(threads.to_string());
+    let mut cmd = crate::kernels_example("gemm_bench", true, None);
+    cmd.arg("--threads").arg(threads.to_string());
     if json {
         cmd.arg("--json");
     }

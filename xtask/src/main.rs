@@ -88,6 +88,21 @@ fn readme_test_command(root: &Path) -> Result<String> {
         .context("README.md has no line starting with `cargo test`")
 }
 
+/// `cargo run -q -p sq-kernels [--release] [--features F] --example NAME --`: the GEMM suites and
+/// the CUDA kernel build run as examples of sq-kernels, so xtask does not link the kernels itself.
+fn kernels_example(name: &str, release: bool, features: Option<&str>) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["run", "-q", "-p", "sq-kernels"]);
+    if release {
+        cmd.arg("--release");
+    }
+    if let Some(f) = features {
+        cmd.args(["--features", f]);
+    }
+    cmd.args(["--example", name, "--"]);
+    cmd
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("$ {cmd:?}");
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
