@@ -104,19 +104,10 @@ impl FpLinear {
                 weight.len()
             )));
         }
-        if bias.as_ref().is_some_and(|b| b.len() != out_features) {
-            return Err(ModelError::Invalid(format!(
-                "FpLinear: bias of {} values for {out_features} outputs",
-                bias.as_ref().map_or(0, Vec::len)
-            )));
-        }
-        Ok(FpLinear {
-            in_features,
-            out_features,
-            packed: sq_kernels::pack_f32(&weight, out_features, in_features)?,
+        Self::from_packed(
+            sq_kernels::pack_f32(&weight, out_features, in_features)?,
             bias,
-            input_smoothing: None,
-        })
+        )
     }
 
     /// A Linear on weights packed already ([`sq_kernels::pack_f32_rows`]: a layer read
@@ -144,7 +135,7 @@ impl FpLinear {
     }
 
     /// Multiply input channel `j` of the weights by `scales[j]` (smoothing), in the packed
-    /// layout: the values [`FpLinear::update_weight`] scaling each row would give.
+    /// layout: exactly the values of unpacking, scaling each row, and packing again.
     pub fn scale_input_channels(&mut self, scales: &[f32]) -> Result<()> {
         Ok(self.packed.scale_columns(scales)?)
     }
@@ -166,13 +157,6 @@ impl FpLinear {
     }
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
-    }
-    /// Change the weights in place (smoothing scales input channels), then repack.
-    pub fn update_weight(&mut self, f: impl FnOnce(&mut [f32])) -> Result<()> {
-        let mut w = self.packed.unpack();
-        f(&mut w);
-        self.packed = sq_kernels::pack_f32(&w, self.out_features, self.in_features)?;
-        Ok(())
     }
     pub fn bias_mut(&mut self) -> Option<&mut [f32]> {
         self.bias.as_deref_mut()
