@@ -222,27 +222,8 @@ pub fn perplexity<M: Forward + ?Sized>(
     max_windows: Option<usize>,
     mut on_window: impl FnMut(usize, usize),
 ) -> Result<Perplexity> {
-    if seq_len < 2 {
-        return Err(ModelError::Invalid(format!(
-            "--seq-len must be at least 2, got {seq_len}"
-        )));
-    }
-    let config = model.config();
-    if seq_len > config.max_position_embeddings {
-        return Err(ModelError::Invalid(format!(
-            "--seq-len {seq_len} is longer than the model's context of {} tokens",
-            config.max_position_embeddings
-        )));
-    }
-    let available = tokens.len() / seq_len;
-    let windows = max_windows.map_or(available, |m| m.min(available));
-    if windows == 0 {
-        return Err(ModelError::Invalid(format!(
-            "the text has {} tokens, fewer than one window of --seq-len {seq_len}; use a longer text or a smaller --seq-len",
-            tokens.len()
-        )));
-    }
-    let vocab = config.vocab_size;
+    let windows = scored_windows(model, tokens.len(), seq_len, max_windows)?;
+    let vocab = model.config().vocab_size;
     let mut session = model.new_session(seq_len)?;
     let mut logits = Vec::new();
     let mut nll = 0.0f64;
@@ -265,6 +246,37 @@ pub fn perplexity<M: Forward + ?Sized>(
         mean_nll,
         perplexity: mean_nll.exp(),
     })
+}
+
+/// How many windows of `seq_len` tokens a scoring pass over `n_tokens` tokens runs: every whole
+/// window, at most `max_windows`; an error when the windows cannot be scored.
+pub(crate) fn scored_windows<M: Forward + ?Sized>(
+    model: &M,
+    n_tokens: usize,
+    seq_len: usize,
+    max_windows: Option<usize>,
+) -> Result<usize> {
+    if seq_len < 2 {
+        return Err(ModelError::Invalid(format!(
+            "--seq-len must be at least 2, got {seq_len}"
+        )));
+    }
+    let config = model.config();
+    if seq_len > config.max_position_embeddings {
+        return Err(ModelError::Invalid(format!(
+            "--seq-len {seq_len} is longer than the model's context of {} tokens",
+            config.max_position_embeddings
+        )));
+    }
+    let available = n_tokens / seq_len;
+    let windows = max_windows.map_or(available, |m| m.min(available));
+    if windows == 0 {
+        return Err(ModelError::Invalid(format!(
+            "the text has {} tokens, fewer than one window of --seq-len {seq_len}; use a longer text or a smaller --seq-len",
+            n_tokens
+        )));
+    }
+    Ok(windows)
 }
 
 /// `-log softmax(logits)[target]`, in f64.

@@ -26,6 +26,7 @@ pub mod bloom;
 pub mod compressed;
 pub mod config;
 pub mod device;
+pub mod divergence;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -48,6 +49,7 @@ pub mod weights;
 
 pub use config::{Activation, Architecture, ModelConfig};
 pub use device::Device;
+pub use divergence::{Divergence, ReferenceDistributions};
 pub use error::{ModelError, Result};
 pub use generate::{generate, perplexity, GenerateOutput, Perplexity, Sampler};
 pub use int8_attention::AttentionMode;

@@ -87,7 +87,7 @@ pub use quantize::{
 };
 pub use search::{
     default_grid, group_kind, refine_alphas, search_alphas, AlphaCandidate, AlphaChoice,
-    AlphaRefinement,
+    AlphaRefinement, REFERENCE_TOP_K, SIGNIFICANCE,
 };
 pub use stream::{run_layers, LayerOutcome, LayerPlan, LayerTimings};
 

@@ -6,7 +6,7 @@ use crate::AlphaSpec;
 use crate::{weight_absmax_per_input_channel, ActPolicy, Recipe, Result, SmoothError};
 use sq_calib::{InputSample, StatsTable};
 use sq_model::quant::{fake_quantize_input, fake_quantize_weight, static_scale};
-use sq_model::{ActQuant, Linear, Model};
+use sq_model::{ActQuant, Divergence, Linear, Model, ReferenceDistributions};
 use std::collections::BTreeMap;
 
 /// The default search grid: 0, 0.05, ..., 1.
@@ -154,7 +154,8 @@ pub fn search_alphas(
     Ok(out)
 }
 
-/// One candidate of the model-level stage of `--alpha auto` and its calibration loss.
+/// One candidate of the model-level stage of `--alpha auto` and how close it stays to the
+/// full-precision model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AlphaCandidate {
     /// `global 0.45`, `global 0.45, paper groups`, `per-group within 0.1 of 0.45`, ...
@@ -163,8 +164,18 @@ pub struct AlphaCandidate {
     /// The groups smoothed (a subset of the searched ones: smoothing a group can hurt when it
     /// moves a producer's rows far apart under per-tensor weight scales).
     pub groups: Vec<SmoothGroup>,
-    /// Mean negative log-likelihood per token of the quantized model on the calibration windows.
-    pub mean_nll: f64,
+    /// The quantized model's divergence from the FP model on the scoring windows (mean KL per
+    /// token, per window; the score), and its NLL of the text there (reported).
+    pub divergence: Divergence,
+}
+
+impl AlphaCandidate {
+    pub fn mean_kl(&self) -> f64 {
+        self.divergence.mean_kl
+    }
+    pub fn mean_nll(&self) -> f64 {
+        self.divergence.mean_nll
+    }
 }
 
 /// What the model-level stage of `--alpha auto` tried and chose.
@@ -209,24 +220,45 @@ impl Subset {
     }
 }
 
+/// How many standard errors of the paired per-window difference a candidate must gain over the
+/// current choice to replace it. Small differences between α values are within the scoring
+/// windows' noise (a candidate chosen on noise did worse on held-out text: docs/results.md), so
+/// a move needs evidence; the paper's α = 0.5 is the starting choice.
+pub const SIGNIFICANCE: f64 = 2.0;
+
+/// The FP model's top tokens kept per position to score candidates (the rest is one bucket).
+pub const REFERENCE_TOP_K: usize = 64;
+
+/// Whether `candidate` replaces `current`: a lower mean KL by at least [`SIGNIFICANCE`] standard
+/// errors of the paired per-window difference.
+fn significantly_better(candidate: &AlphaCandidate, current: &AlphaCandidate) -> Result<bool> {
+    let (diff, se) = candidate
+        .divergence
+        .paired_difference(&current.divergence)?;
+    Ok(diff < 0.0 && -diff > SIGNIFICANCE * se)
+}
+
 /// The model-level stage of `--alpha auto`. The per-group search ([`search_alphas`]) minimizes
 /// each group's own output error, which does not always track the model's loss (errors of
 /// neighbouring groups interact through the residual stream and the norms, and a row fold
 /// changes the producing Linear's weight quantization). This stage smooths and quantizes copies
-/// of `fp` (with `quantize`, the real INT8 path) for whole-model candidates and keeps the one
-/// with the lowest loss on up to `max_windows` windows of `seq_len` tokens of `eval_tokens`
-/// (calibration text, windowed as `sq_model::perplexity` does):
-/// 1. every global α of `global_grid` on all `groups`, then the α 0.05 either side of the
-///    best one;
-/// 2. at the best global α, the groups that do not fold into a norm dropped in part or whole
-///    (when `groups` has any);
-/// 3. on the best subset, one α per kind of group (the groups that play the same role in every
-///    layer, e.g. all `q_proj` groups): a coordinate search that moves one kind at a time by
-///    ±0.05 and ±0.1 from the best global α and keeps each move that lowers the loss;
-/// 4. on the best subset, the per-group choices `local`, as found and clamped to within 0.1 of
-///    the α of their kind.
+/// of `fp` (with `quantize`, the real INT8 path) for whole-model candidates and scores each by
+/// its divergence from `fp` ([`ReferenceDistributions`]: mean KL per token against the FP
+/// model's distributions) on up to `max_windows` windows of `seq_len` tokens of `eval_tokens`
+/// (calibration text, windowed as `sq_model::perplexity` does). The choice starts at global
+/// α = 0.5 (or the grid's first value) and moves only to a candidate that is
+/// [`significantly_better`] than it, through these stages:
+/// 1. every global α of `global_grid` on all `groups` (the best one challenges the choice), then
+///    the α 0.05 either side of the chosen one;
+/// 2. at the chosen global α, the groups that do not fold into a norm dropped in part or whole
+///    (when `groups` has any; the best subset challenges the choice);
+/// 3. on the chosen subset, one α per kind of group (the groups that play the same role in
+///    every layer, e.g. all `q_proj` groups): a coordinate search that moves one kind at a time
+///    by ±0.05 and ±0.1 and keeps each move that wins;
+/// 4. on the chosen subset, the per-group choices `local`, as found and clamped to within 0.1
+///    of the α of their kind.
 ///
-/// `stats` are the unsmoothed statistics. Ties go to the earlier (simpler) candidate.
+/// `stats` are the unsmoothed statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn refine_alphas(
     fp: &Model,
@@ -245,6 +277,18 @@ pub fn refine_alphas(
             "the model-level alpha search needs a grid of alpha values".into(),
         ));
     }
+    let reference = {
+        let _span = tracing::debug_span!("alpha_reference").entered();
+        ReferenceDistributions::new(
+            fp,
+            eval_tokens,
+            seq_len,
+            Some(max_windows),
+            REFERENCE_TOP_K
+                .min(fp.config.vocab_size.saturating_sub(1))
+                .max(1),
+        )?
+    };
     let has_beyond = groups.iter().any(|g| g.norm().is_none());
     let n_kinds = {
         let mut kinds: Vec<String> = groups.iter().map(|g| group_kind(g.name())).collect();
@@ -263,35 +307,60 @@ pub fn refine_alphas(
                         label: String,
                         alphas: AlphaSpec,
                         subset: Subset|
-     -> Result<()> {
+     -> Result<usize> {
         let _span = tracing::debug_span!("alpha_candidate", candidate = %label).entered();
         let chosen: Vec<SmoothGroup> = groups.iter().filter(|g| subset.keeps(g)).cloned().collect();
         let mut model = fp.try_clone()?;
         let mut st = stats.clone();
         crate::smooth_model(&mut model, &chosen, &mut st, &alphas)?;
         quantize(&mut model, &st)?;
-        let mean_nll =
-            sq_model::perplexity(&model, eval_tokens, seq_len, Some(max_windows), |_, _| {})?
-                .mean_nll;
-        tracing::info!(candidate = %label, mean_nll, "alpha candidate");
+        let divergence = reference.divergence(&model)?;
+        tracing::info!(
+            candidate = %label,
+            mean_kl = divergence.mean_kl,
+            mean_nll = divergence.mean_nll,
+            "alpha candidate"
+        );
         tried.push(AlphaCandidate {
             label,
             alphas,
             groups: chosen,
-            mean_nll,
+            divergence,
         });
         progress(tried.len(), total);
-        Ok(())
+        Ok(tried.len() - 1)
     };
-    let best = |tried: &[AlphaCandidate]| -> usize {
-        let mut b = 0;
-        for (i, c) in tried.iter().enumerate() {
-            if c.mean_nll < tried[b].mean_nll {
+    // The lowest mean KL among `tried[from..]`.
+    let lowest = |tried: &[AlphaCandidate], from: usize| -> usize {
+        let mut b = from;
+        for (i, c) in tried.iter().enumerate().skip(from) {
+            if c.mean_kl() < tried[b].mean_kl() {
                 b = i;
             }
         }
         b
     };
+    // `challenger` replaces `current` when significantly better.
+    let challenge = |tried: &[AlphaCandidate],
+                     current: usize,
+                     challenger: usize|
+     -> Result<usize> {
+        Ok(
+            if challenger != current && significantly_better(&tried[challenger], &tried[current])? {
+                challenger
+            } else {
+                current
+            },
+        )
+    };
+    let global_alpha = |c: &AlphaCandidate| match c.alphas {
+        AlphaSpec::Global(a) => a,
+        _ => unreachable!("only global candidates in this stage"),
+    };
+    let start = global_grid
+        .iter()
+        .position(|&a| (a - 0.5).abs() < 1e-6)
+        .unwrap_or(0);
     for &a in global_grid {
         evaluate(
             &mut tried,
@@ -300,43 +369,37 @@ pub fn refine_alphas(
             Subset::All,
         )?;
     }
-    // Refine the coarse grid: the α 0.05 either side of the best one.
-    let coarse_best = match tried[best(&tried)].alphas {
-        AlphaSpec::Global(a) => a,
-        _ => unreachable!("only global candidates so far"),
-    };
-    for a in [coarse_best - 0.05, coarse_best + 0.05] {
+    let mut current = challenge(&tried, start, lowest(&tried, 0))?;
+    // Refine the coarse grid: the α 0.05 either side of the chosen one.
+    let coarse = global_alpha(&tried[current]);
+    for a in [coarse - 0.05, coarse + 0.05] {
         let a = (a * 100.0).round() / 100.0;
         if (0.0..=1.0).contains(&a) && !global_grid.iter().any(|g| (g - a).abs() < 1e-6) {
             let label = format!("global {a}");
-            evaluate(&mut tried, label, AlphaSpec::Global(a), Subset::All)?;
+            let i = evaluate(&mut tried, label, AlphaSpec::Global(a), Subset::All)?;
+            current = challenge(&tried, current, i)?;
         }
     }
-    let best_global = match tried[best(&tried)].alphas {
-        AlphaSpec::Global(a) => a,
-        _ => unreachable!("only global candidates so far"),
-    };
+    let best_global = global_alpha(&tried[current]);
     let mut subset = Subset::All;
     if has_beyond {
         let before = tried.len();
-        for s in [
+        let subsets = [
             Subset::NormOnly,
             Subset::NormAndAttention,
             Subset::NormAndMlp,
-        ] {
+        ];
+        for s in subsets {
             let label = format!("global {best_global}{}", s.label());
             evaluate(&mut tried, label, AlphaSpec::Global(best_global), s)?;
         }
-        let b = best(&tried);
-        if b >= before {
-            subset = [
-                Subset::NormOnly,
-                Subset::NormAndAttention,
-                Subset::NormAndMlp,
-            ][b - before];
+        let b = challenge(&tried, current, lowest(&tried, before))?;
+        if b != current {
+            subset = subsets[b - before];
+            current = b;
         }
     }
-    // One α per kind of group, by coordinate search around the best global α.
+    // One α per kind of group, by coordinate search around the chosen global α.
     let kept: Vec<&SmoothGroup> = groups.iter().filter(|g| subset.keeps(g)).collect();
     let mut kinds: Vec<String> = Vec::new();
     for g in &kept {
@@ -354,7 +417,6 @@ pub fn refine_alphas(
             .map(|g| (g.name().to_string(), kind_alpha[&group_kind(g.name())]))
             .collect(),
     };
-    let mut best_nll = tried[best(&tried)].mean_nll;
     if kinds.len() > 1 {
         for kind in &kinds {
             let center = kind_alpha[kind];
@@ -366,10 +428,10 @@ pub fn refine_alphas(
                 let mut trial = kind_alpha.clone();
                 trial.insert(kind.clone(), a);
                 let label = format!("per-kind {}{}", kinds_label(&trial), subset.label());
-                evaluate(&mut tried, label, by_kind(&trial), subset)?;
-                let nll = tried.last().expect("just evaluated").mean_nll;
-                if nll < best_nll {
-                    best_nll = nll;
+                let i = evaluate(&mut tried, label, by_kind(&trial), subset)?;
+                let next = challenge(&tried, current, i)?;
+                if next == i {
+                    current = i;
                     kind_alpha = trial;
                 }
             }
@@ -379,6 +441,7 @@ pub fn refine_alphas(
         default: best_global,
         groups: local
             .iter()
+            .filter(|c| kept.iter().any(|g| g.name() == c.group))
             .map(|c| {
                 let a = match clamp {
                     Some(w) => {
@@ -394,24 +457,26 @@ pub fn refine_alphas(
             })
             .collect(),
     };
-    evaluate(
+    let i = evaluate(
         &mut tried,
         format!("per-group{}", subset.label()),
         per_group(None),
         subset,
     )?;
+    current = challenge(&tried, current, i)?;
     let center_label = if kind_alpha.values().all(|&a| a == best_global) {
         format!("{best_global}")
     } else {
         "the per-kind alphas".to_string()
     };
-    evaluate(
+    let i = evaluate(
         &mut tried,
         format!("per-group within 0.1 of {center_label}{}", subset.label()),
         per_group(Some(0.1)),
         subset,
     )?;
-    let chosen = tried[best(&tried)].clone();
+    current = challenge(&tried, current, i)?;
+    let chosen = tried[current].clone();
     Ok(AlphaRefinement { chosen, tried })
 }
 

@@ -176,9 +176,10 @@ fn calibrate_loaded(loaded: &mut LoadedModel, q: &QuantArgs, show: bool) -> Resu
     Ok(stats)
 }
 
-/// Calibration windows that score each whole-model candidate of `--alpha auto`: 8 x 512 tokens
-/// (4,096 tokens); four windows were a noisy judge of the small differences on SmolLM2 (docs/results.md).
-const AUTO_SCORE_WINDOWS: usize = 8;
+/// Calibration windows that score each whole-model candidate of `--alpha auto`: 16 x 512 tokens
+/// (8,192 tokens). Fewer windows were a noisy judge of the small differences on SmolLM2
+/// (docs/results.md); 16 also give the paired per-window test of `refine_alphas` its power.
+const AUTO_SCORE_WINDOWS: usize = 16;
 
 /// Resolve `--alpha auto`: sample each group's inputs on calibration windows of the FP model and
 /// search the α grid per group for the recipe's quantization.
@@ -254,12 +255,18 @@ pub fn auto_alpha(
     )?;
     pb.finish_and_clear();
     let chosen = refinement.chosen;
-    tracing::info!(candidate = %chosen.label, mean_nll = chosen.mean_nll, "alpha search: chosen");
+    tracing::info!(
+        candidate = %chosen.label,
+        mean_kl = chosen.mean_kl(),
+        mean_nll = chosen.mean_nll(),
+        "alpha search: chosen"
+    );
     if show {
         eprintln!(
-            "alpha auto: {} (calibration loss {:.4}; {} candidates tried)",
+            "alpha auto: {} (KL from fp32 {:.4} nats/token, calibration loss {:.4}; {} candidates tried)",
             chosen.label,
-            chosen.mean_nll,
+            chosen.mean_kl(),
+            chosen.mean_nll(),
             refinement.tried.len()
         );
     }
