@@ -8,10 +8,9 @@
 use crate::{ActPolicy, ExportInfo};
 use crate::{Recipe, Result, SmoothError};
 use sq_calib::StatsTable;
-use sq_model::quant::quantize_weight;
-use sq_model::{Linear, Model, WeightGranularity};
+use sq_model::{Model, WeightGranularity};
 use sq_tensor::atomic::AtomicDir;
-use sq_tensor::{save_safetensors, Tensor};
+use sq_tensor::save_safetensors;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -145,34 +144,15 @@ pub fn save_compressed_tensors(
             .chain(model.project_out.iter())
             .map(|l| l.name.clone()),
     );
+    // Run-time divides were refused above, so no `input_smoothing` is written.
     for block in &model.layers {
         for l in block.linears() {
-            let fp = l.as_fp().ok_or_else(|| {
-                SmoothError::Config(format!(
-                    "`{}` is already quantized; export starts from the FP model",
-                    l.name
-                ))
-            })?;
-            let (n, k) = (fp.out_features(), fp.in_features());
-            let (w_q, scales) = quantize_weight(fp, recipe.weights)?;
-            tensors.push((
-                format!("{}.weight", l.name),
-                Tensor::from_vec(w_q, &[n, k])?,
-            ));
-            let scale = match scales {
-                sq_kernels::WeightScales::PerChannel(s) => Tensor::from_vec(s, &[n, 1])?,
-                sq_kernels::WeightScales::PerTensor(s) => Tensor::from_vec(vec![s], &[1])?,
-            };
-            tensors.push((format!("{}.weight_scale", l.name), scale));
-            if let Some(b) = fp.bias() {
-                tensors.push((format!("{}.bias", l.name), Tensor::from_slice(b, &[n])?));
-            }
-            if let sq_model::ActQuant::Static { scale } = recipe.act_quant(&l.name, stats)? {
-                tensors.push((
-                    format!("{}.input_scale", l.name),
-                    Tensor::from_vec(vec![scale], &[1])?,
-                ));
-            }
+            tensors.extend(crate::export::int8_linear_tensors(
+                l,
+                &recipe,
+                stats,
+                crate::export::ChannelScales::Column,
+            )?);
         }
     }
 

@@ -112,35 +112,67 @@ pub fn native_layer_tensors(
 ) -> Result<Vec<(String, Tensor)>> {
     let mut tensors = norm_tensors(&[&block.attn_norm, &block.mlp_norm])?;
     for l in block.linears() {
-        let fp = l.as_fp().ok_or_else(|| {
-            SmoothError::Config(format!(
-                "`{}` is already quantized; export starts from the FP model",
-                l.name
-            ))
-        })?;
-        let (n, k) = (fp.out_features(), fp.in_features());
-        let (w_q, scales) = quantize_weight(fp, recipe.weights)?;
+        tensors.extend(int8_linear_tensors(
+            l,
+            recipe,
+            stats,
+            ChannelScales::Vector,
+        )?);
+    }
+    Ok(tensors)
+}
+
+/// The shape of per-output-channel weight scales in a layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ChannelScales {
+    /// `[out_features]` (native).
+    Vector,
+    /// `[out_features, 1]` (compressed-tensors).
+    Column,
+}
+
+/// One FP Linear quantized with `recipe` for export: `weight` (INT8), `weight_scale`, `bias`,
+/// the run-time smoothing divide `input_smoothing` where it has one, and the static
+/// `input_scale` where the recipe has one (read from `stats`).
+pub(crate) fn int8_linear_tensors(
+    l: &sq_model::NamedLinear,
+    recipe: &Recipe,
+    stats: Option<&StatsTable>,
+    channel_scales: ChannelScales,
+) -> Result<Vec<(String, Tensor)>> {
+    let fp = l.as_fp().ok_or_else(|| {
+        SmoothError::Config(format!(
+            "`{}` is already quantized; export starts from the FP model",
+            l.name
+        ))
+    })?;
+    let (n, k) = (fp.out_features(), fp.in_features());
+    let (w_q, scales) = quantize_weight(fp, recipe.weights)?;
+    let mut tensors = vec![(
+        format!("{}.weight", l.name),
+        Tensor::from_vec(w_q, &[n, k])?,
+    )];
+    let scale = match (scales, channel_scales) {
+        (sq_kernels::WeightScales::PerChannel(s), ChannelScales::Vector) => {
+            Tensor::from_vec(s, &[n])?
+        }
+        (sq_kernels::WeightScales::PerChannel(s), ChannelScales::Column) => {
+            Tensor::from_vec(s, &[n, 1])?
+        }
+        (sq_kernels::WeightScales::PerTensor(s), _) => Tensor::from_vec(vec![s], &[1])?,
+    };
+    tensors.push((format!("{}.weight_scale", l.name), scale));
+    if let Some(b) = fp.bias() {
+        tensors.push((format!("{}.bias", l.name), tensor(b, &[n])?));
+    }
+    if let Some(f) = fp.input_smoothing() {
+        tensors.push((format!("{}.input_smoothing", l.name), tensor(f, &[k])?));
+    }
+    if let sq_model::ActQuant::Static { scale } = recipe.act_quant(&l.name, stats)? {
         tensors.push((
-            format!("{}.weight", l.name),
-            Tensor::from_vec(w_q, &[n, k])?,
+            format!("{}.input_scale", l.name),
+            Tensor::from_vec(vec![scale], &[1])?,
         ));
-        let scale = match scales {
-            sq_kernels::WeightScales::PerChannel(s) => Tensor::from_vec(s, &[n])?,
-            sq_kernels::WeightScales::PerTensor(s) => Tensor::from_vec(vec![s], &[1])?,
-        };
-        tensors.push((format!("{}.weight_scale", l.name), scale));
-        if let Some(b) = fp.bias() {
-            tensors.push((format!("{}.bias", l.name), tensor(b, &[n])?));
-        }
-        if let Some(f) = fp.input_smoothing() {
-            tensors.push((format!("{}.input_smoothing", l.name), tensor(f, &[k])?));
-        }
-        if let sq_model::ActQuant::Static { scale } = recipe.act_quant(&l.name, stats)? {
-            tensors.push((
-                format!("{}.input_scale", l.name),
-                Tensor::from_vec(vec![scale], &[1])?,
-            ));
-        }
     }
     Ok(tensors)
 }

@@ -258,12 +258,39 @@ pub fn token_bar(tokens: u64, msg: &str, show: bool) -> ProgressBar {
 
 /// Load `--model` (or the embedded default), with a spinner.
 pub fn load_model(args: &ModelArgs, show: bool) -> Result<LoadedModel> {
+    with_model_source(
+        args,
+        show,
+        "load",
+        "loading",
+        Some("a directory written by `smoothquant quantize`"),
+        |m, t| sq_model::load(m, t),
+    )
+}
+
+/// Check `--model`, then run `open` on it (and `--tokenizer`) under a tracing span and a
+/// spinner, naming the model in any error. `verb` names the work (`load`: "loading ...",
+/// "cannot load the model ..."); `also` is a further kind of input the command accepts.
+fn with_model_source<T, E: std::fmt::Display>(
+    args: &ModelArgs,
+    show: bool,
+    verb: &str,
+    doing: &str,
+    also: Option<&str>,
+    open: impl FnOnce(Option<&std::path::Path>, Option<&std::path::Path>) -> std::result::Result<T, E>,
+) -> Result<T> {
     if let Some(path) = &args.model {
         if !path.exists() {
+            let kinds = match also {
+                Some(more) => format!(
+                    "a Hugging Face model directory, a .gguf file, a llama2.c .bin checkpoint or {more}"
+                ),
+                None => "a Hugging Face model directory, a .gguf file or a llama2.c .bin checkpoint"
+                    .to_string(),
+            };
             bail!(
-                "--model {}: no such file or directory; pass a Hugging Face model directory, a .gguf \
-                 file, a llama2.c .bin checkpoint or a directory written by `smoothquant quantize` \
-                 (or leave --model out for the embedded stories260K)",
+                "--model {}: no such file or directory; pass {kinds} (or leave --model out for the \
+                 embedded stories260K)",
                 path.display()
             );
         }
@@ -274,17 +301,23 @@ pub fn load_model(args: &ModelArgs, show: bool) -> Result<LoadedModel> {
         .map_or("embedded stories260K".to_string(), |p| {
             p.display().to_string()
         });
-    let _span = tracing::info_span!("load", model = %what).entered();
-    let pb = spinner(&format!("loading {what}"), show);
-    let loaded = sq_model::load(args.model.as_deref(), args.tokenizer.as_deref());
+    // Span names are static: `load` and `open_layered`, as `-v` has always shown them.
+    let span = if verb == "load" {
+        tracing::info_span!("load", model = %what)
+    } else {
+        tracing::info_span!("open_layered", model = %what)
+    };
+    let _span = span.entered();
+    let pb = spinner(&format!("{doing} {what}"), show);
+    let opened = open(args.model.as_deref(), args.tokenizer.as_deref());
     pb.finish_and_clear();
-    loaded.map_err(|e| {
+    opened.map_err(|e| {
         // Library errors start with the file at fault: do not name the model twice.
         let msg = e.to_string();
         if msg.starts_with(&what) {
-            anyhow::anyhow!("cannot load the model: {msg}")
+            anyhow::anyhow!("cannot {verb} the model: {msg}")
         } else {
-            anyhow::anyhow!("cannot load the model {what}: {msg}")
+            anyhow::anyhow!("cannot {verb} the model {what}: {msg}")
         }
     })
 }
@@ -372,32 +405,8 @@ fn proc_status_bytes(key: &str) -> u64 {
 
 /// Open `--model` for a layer-by-layer run (`--stream`).
 pub fn open_layered(args: &ModelArgs, show: bool) -> Result<sq_model::LayeredModel> {
-    if let Some(path) = &args.model {
-        if !path.exists() {
-            bail!(
-                "--model {}: no such file or directory; pass a Hugging Face model directory, a .gguf \
-                 file or a llama2.c .bin checkpoint (or leave --model out for the embedded stories260K)",
-                path.display()
-            );
-        }
-    }
-    let what = args
-        .model
-        .as_ref()
-        .map_or("embedded stories260K".to_string(), |p| {
-            p.display().to_string()
-        });
-    let _span = tracing::info_span!("open_layered", model = %what).entered();
-    let pb = spinner(&format!("opening {what}"), show);
-    let opened = sq_model::LayeredModel::open(args.model.as_deref(), args.tokenizer.as_deref());
-    pb.finish_and_clear();
-    opened.map_err(|e| {
-        let msg = e.to_string();
-        if msg.starts_with(&what) {
-            anyhow::anyhow!("cannot open the model: {msg}")
-        } else {
-            anyhow::anyhow!("cannot open the model {what}: {msg}")
-        }
+    with_model_source(args, show, "open", "opening", None, |m, t| {
+        sq_model::LayeredModel::open(m, t)
     })
 }
 
