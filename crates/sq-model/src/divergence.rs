@@ -200,17 +200,19 @@ impl ReferenceDistributions {
         let mut logits = Vec::new();
         let mut window_kl = Vec::with_capacity(self.windows());
         let mut window_nll = Vec::with_capacity(self.windows());
+        let mut per_position = vec![(0.0f64, 0.0f64); n];
         for w in 0..self.windows() {
             let window = &self.tokens[w * self.seq_len..(w + 1) * self.seq_len];
             M::clear_session(&mut session);
             model.forward(window, &mut session, Logits::All, &mut logits)?;
             let base = w * n;
-            let (kl, nll) = logits[..n * vocab]
+            logits[..n * vocab]
                 .par_chunks_exact(vocab)
+                .zip(per_position.par_iter_mut())
                 .enumerate()
-                .map_init(
+                .for_each_init(
                     || vec![false; vocab],
-                    |mask, (pos, row)| {
+                    |mask, (pos, (row, out))| {
                         let p = base + pos;
                         let ids = &self.ids[p * k..(p + 1) * k];
                         let lp = &self.log_p[p * k..(p + 1) * k];
@@ -233,11 +235,13 @@ impl ReferenceDistributions {
                             kl += tail * (tail.ln() - q_tail.ln());
                         }
                         let target = window[pos + 1] as usize;
-                        let nll = lse - row[target] as f64;
-                        (kl, nll)
+                        *out = (kl, lse - row[target] as f64);
                     },
-                )
-                .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+                );
+            // Summed in position order: the result does not depend on the thread split.
+            let (kl, nll) = per_position
+                .iter()
+                .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
             window_kl.push(kl / n as f64);
             window_nll.push(nll / n as f64);
         }

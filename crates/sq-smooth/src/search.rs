@@ -220,22 +220,25 @@ impl Subset {
     }
 }
 
-/// How many standard errors of the paired per-window difference a candidate must gain over the
-/// current choice to replace it. Small differences between α values are within the scoring
-/// windows' noise (a candidate chosen on noise did worse on held-out text: docs/results.md), so
-/// a move needs evidence; the paper's α = 0.5 is the starting choice.
+/// How many standard errors of the paired per-window difference of KL a candidate must gain
+/// over the current choice to replace it. Small differences between α values are within the
+/// scoring windows' noise (a candidate chosen on noise did worse on held-out text:
+/// docs/results.md), so a move needs evidence; the paper's α = 0.5 is the starting choice.
 pub const SIGNIFICANCE: f64 = 2.0;
 
 /// The FP model's top tokens kept per position to score candidates (the rest is one bucket).
 pub const REFERENCE_TOP_K: usize = 64;
 
-/// Whether `candidate` replaces `current`: a lower mean KL by at least [`SIGNIFICANCE`] standard
-/// errors of the paired per-window difference.
+/// Whether `candidate` replaces `current`: a lower mean KL from the FP model by at least
+/// [`SIGNIFICANCE`] standard errors of the paired per-window difference, and a lower NLL of the
+/// calibration text. KL separates candidates with less noise; the NLL condition keeps a move
+/// that brings the model closer to the FP one but predicts the text worse (SmolLM2 O1: α 0.3
+/// was significantly closer to fp32 than 0.5, and worse on both calibration and test text).
 fn significantly_better(candidate: &AlphaCandidate, current: &AlphaCandidate) -> Result<bool> {
     let (diff, se) = candidate
         .divergence
         .paired_difference(&current.divergence)?;
-    Ok(diff < 0.0 && -diff > SIGNIFICANCE * se)
+    Ok(diff < 0.0 && -diff > SIGNIFICANCE * se && candidate.mean_nll() < current.mean_nll())
 }
 
 /// The model-level stage of `--alpha auto`. The per-group search ([`search_alphas`]) minimizes
@@ -247,7 +250,8 @@ fn significantly_better(candidate: &AlphaCandidate, current: &AlphaCandidate) ->
 /// model's distributions) on up to `max_windows` windows of `seq_len` tokens of `eval_tokens`
 /// (calibration text, windowed as `sq_model::perplexity` does). The choice starts at global
 /// α = 0.5 (or the grid's first value) and moves only to a candidate that is
-/// [`significantly_better`] than it, through these stages:
+/// [`significantly_better`] than it (closer to the FP model beyond the noise, and better on the
+/// calibration text), through these stages:
 /// 1. every global α of `global_grid` on all `groups` (the best one challenges the choice), then
 ///    the α 0.05 either side of the chosen one;
 /// 2. at the chosen global α, the groups that do not fold into a norm dropped in part or whole

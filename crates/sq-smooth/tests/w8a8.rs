@@ -350,19 +350,16 @@ fn model_level_alpha_refinement_moves_only_on_evidence() {
         assert_eq!(c.divergence.window_kl.len(), 2);
         assert!(c.groups.iter().all(|g| groups.contains(g)));
     }
-    // The choice is global 0.5 or a candidate significantly better than it.
+    // The choice is global 0.5 or reached from it by moves that each lower both the KL (by
+    // SIGNIFICANCE standard errors) and the calibration NLL.
     if r.chosen.label != "global 0.5" {
-        let (diff, se) = r
-            .chosen
-            .divergence
-            .paired_difference(&half.divergence)
-            .unwrap();
         assert!(
-            diff < 0.0 && -diff > sq_smooth::SIGNIFICANCE * se,
-            "{} chosen over global 0.5 with {diff} +- {se}",
+            r.chosen.mean_kl() < half.mean_kl() && r.chosen.mean_nll() < half.mean_nll(),
+            "{} chosen over global 0.5",
             r.chosen.label
         );
     }
+    println!("chosen: {}", r.chosen.label);
     // The choice applies to a fresh copy, and the search is deterministic.
     let mut again = loaded.model.try_clone().unwrap();
     let mut st = stats.clone();
