@@ -264,7 +264,7 @@ pub fn load_model(args: &ModelArgs, show: bool) -> Result<LoadedModel> {
         "load",
         "loading",
         Some("a directory written by `smoothquant quantize`"),
-        |m, t| sq_model::load(m, t),
+        sq_model::load,
     )
 }
 
