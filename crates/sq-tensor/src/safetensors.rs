@@ -561,18 +561,7 @@ impl TensorSpill {
             .collect();
         let written = save_safetensors_sharded(dir, &sources, metadata, max_shard_bytes)?;
         drop(sources);
-        let TensorSpill {
-            path,
-            file,
-            adopted,
-            ..
-        } = self;
-        drop(file);
-        std::fs::remove_file(&path).map_err(|e| TensorError::io(&path, "removing", e))?;
-        for (path, file) in adopted {
-            drop(file);
-            std::fs::remove_file(&path).map_err(|e| TensorError::io(&path, "removing", e))?;
-        }
+        self.discard()?;
         Ok(written)
     }
 
