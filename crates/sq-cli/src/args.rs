@@ -315,6 +315,10 @@ pub struct EvalArgs {
     /// Evaluate at most this many windows
     #[arg(long, value_name = "N", value_parser = positive)]
     pub max_windows: Option<usize>,
+    /// Also report each scheme's KL divergence from the fp32 model's next-token distributions
+    /// on the same windows (nats per token; its 64 most likely tokens and one bucket for the rest)
+    #[arg(long)]
+    pub kl: bool,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,

@@ -175,7 +175,50 @@ fn calibrate_then_eval_every_scheme() {
             (r["perplexity"].as_f64().unwrap() / fp - 1.0).abs() < 0.05,
             "{r}"
         );
+        assert!(r.get("kl_from_fp32").is_none(), "only with --kl: {r}");
     }
+
+    // --kl: the same perplexities, plus each scheme's divergence from fp32 (zero for fp32).
+    let with_kl = json(&run(&[
+        "eval",
+        "--data",
+        eval.to_str().unwrap(),
+        "--seq-len",
+        "128",
+        "--max-windows",
+        "6",
+        "--act-scales",
+        stats.to_str().unwrap(),
+        "--kl",
+        "--json",
+    ]));
+    let kl_rows = with_kl["results"].as_array().unwrap();
+    for (r, plain) in kl_rows.iter().zip(rows) {
+        assert_eq!(r["perplexity"], plain["perplexity"]);
+    }
+    let kl: Vec<f64> = kl_rows
+        .iter()
+        .map(|r| r["kl_from_fp32"].as_f64().unwrap())
+        .collect();
+    assert!(kl[0].abs() < 1e-6, "{kl:?}");
+    assert!(
+        kl[1] > 1e-5 && kl[2] > 1e-5 && kl[1] < 0.5 && kl[2] < 0.5,
+        "{kl:?}"
+    );
+    let text = run(&[
+        "eval",
+        "--data",
+        eval.to_str().unwrap(),
+        "--seq-len",
+        "128",
+        "--max-windows",
+        "2",
+        "--act-scales",
+        stats.to_str().unwrap(),
+        "--kl",
+    ]);
+    assert!(text.status.success());
+    assert!(String::from_utf8_lossy(&text.stdout).contains("KL from fp32"));
 }
 
 #[test]
@@ -400,6 +443,20 @@ fn quantize_reload_eval_generate() {
     ]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("runs only as it was quantized"));
+    let no_fp = run(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        eval.to_str().unwrap(),
+        "--kl",
+    ]);
+    assert_eq!(no_fp.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&no_fp.stderr).contains("no full-precision weights"),
+        "{}",
+        String::from_utf8_lossy(&no_fp.stderr)
+    );
     // A non-empty output needs --force.
     let again = run(&[
         "quantize",

@@ -1,5 +1,5 @@
 use super::common::{
-    model_label, print_json, read_text, require_runnable, show_progress, stats_if_needed,
+    model_label, print_json, read_text, require_runnable, show_progress, spinner, stats_if_needed,
     token_bar, Scheme,
 };
 use super::pipeline::build;
@@ -17,6 +17,11 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
     let show = show_progress(a.json);
     let text = read_text(&a.data, "evaluation data (--data)")?;
     let stats = stats_if_needed(&schemes, &a.model, &a.quant, show)?;
+    let reference = if a.kl {
+        Some(kl_reference(&a, &text, show)?)
+    } else {
+        None
+    };
     let mut results = Vec::new();
     let mut summary = None;
     let mut label = String::new();
@@ -48,6 +53,16 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
         let mut row =
             super::pipeline::scheme_fields_for(*scheme, &a.quant, loaded.quantization.as_ref())?;
         row.insert("perplexity".into(), p.perplexity.into());
+        if let Some(reference) = &reference {
+            let pb = token_bar(
+                (reference.windows() * a.seq_len) as u64,
+                &format!("KL {}", scheme.name()),
+                show,
+            );
+            let d = reference.divergence(&runner)?;
+            pb.finish_and_clear();
+            row.insert("kl_from_fp32".into(), d.mean_kl.into());
+        }
         row.insert(
             "int8_attention".into(),
             loaded.model.attention.is_int8().into(),
@@ -94,8 +109,9 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
         p.predicted_tokens
     );
     println!();
+    let kl_header = if a.kl { "  KL from fp32" } else { "" };
     println!(
-        "{:<12} {:<8} {:<7} {:<6} {:>12}",
+        "{:<12} {:<8} {:<7} {:<6} {:>12}{kl_header}",
         "scheme", "weights", "acts", "alpha", "perplexity"
     );
     for r in &results {
@@ -106,8 +122,11 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
             serde_json::Value::String(s) => s.clone(),
             _ => "table".into(),
         };
+        let kl = r["kl_from_fp32"]
+            .as_f64()
+            .map_or(String::new(), |v| format!("  {v:>12.5}"));
         println!(
-            "{:<12} {:<8} {:<7} {:<6} {:>12.4}",
+            "{:<12} {:<8} {:<7} {:<6} {:>12.4}{kl}",
             cell("scheme"),
             cell("weights"),
             cell("acts"),
@@ -129,3 +148,33 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
     }
     Ok(())
 }
+
+/// `--kl`: the fp32 model's next-token distributions on the evaluation windows, computed on the
+/// CPU from the full-precision model (a quantized checkpoint has none to compare with).
+fn kl_reference(a: &EvalArgs, text: &str, show: bool) -> Result<sq_model::ReferenceDistributions> {
+    let built = build(Scheme::Fp32, &a.model, &a.quant, None, show)?;
+    let loaded = &built.loaded;
+    if loaded.quantization.is_some() {
+        bail!(
+            "--kl compares each scheme with the fp32 model, and {} is a quantized checkpoint \
+             with no full-precision weights: run eval with --kl on the original model",
+            model_label(loaded)
+        );
+    }
+    let tokens = loaded.tokenizer.encode(text)?;
+    let vocab = loaded.model.config.vocab_size;
+    let _span = tracing::info_span!("kl_reference").entered();
+    let pb = spinner("fp32 reference distributions (--kl)", show);
+    let reference = sq_model::ReferenceDistributions::new(
+        &loaded.model,
+        &tokens,
+        a.seq_len,
+        a.max_windows,
+        KL_TOP_K.min(vocab.saturating_sub(1)).max(1),
+    )?;
+    pb.finish_and_clear();
+    Ok(reference)
+}
+
+/// The fp32 model's most likely tokens kept per position for `--kl` (the rest is one bucket).
+const KL_TOP_K: usize = 64;
