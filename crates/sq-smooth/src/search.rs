@@ -453,7 +453,9 @@ pub fn refine_alphas(
                             .get(&group_kind(&c.group))
                             .copied()
                             .unwrap_or(best_global);
-                        c.alpha.clamp(center - w, center + w).clamp(0.0, 1.0)
+                        // On the 0.01 grid: 0.6 + 0.1 is 0.70000005 in f32.
+                        (c.alpha.clamp(center - w, center + w).clamp(0.0, 1.0) * 100.0).round()
+                            / 100.0
                     }
                     None => c.alpha,
                 };
