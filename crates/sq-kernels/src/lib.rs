@@ -60,6 +60,7 @@ macro_rules! dispatch_tile {
     };
 }
 
+pub mod attention;
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -70,6 +71,7 @@ pub mod int8;
 pub mod math;
 pub mod quantize;
 mod scratch;
+pub mod team;
 
 pub use dispatch::{
     available_backends, backend_by_name, select_backend, select_backend_with, BACKEND_ENV,
