@@ -642,6 +642,8 @@ mod x86 {
 
 /// Below this many multiply-adds a call stays on the calling thread.
 const SERIAL_WORK: usize = 1 << 20;
+/// The same threshold for decode-sized m (at most one row tile).
+const STREAMING_SERIAL_WORK: usize = 1 << 17;
 /// Rows a task keeps hot while it sweeps its panels.
 const MC: usize = 64;
 
@@ -653,7 +655,15 @@ fn run(kernel: Kernel, ctx: &Ctx, m: usize, parallel: bool) {
     let (mr, nv) = (kernel.mr(), kernel.nv());
     let panels = n.div_ceil(PANEL);
     let work = m.saturating_mul(n).saturating_mul(ctx.k.max(1));
-    let threads = if parallel && work >= SERIAL_WORK {
+    // Decode-sized m streams the weights once, bound by read bandwidth that a second core
+    // raises: split from a smaller size, on the spinning team (see `crate::team`).
+    let streaming = m <= mr;
+    let serial_work = if streaming {
+        STREAMING_SERIAL_WORK
+    } else {
+        SERIAL_WORK
+    };
+    let threads = if parallel && work >= serial_work {
         rayon::current_num_threads()
     } else {
         1
@@ -695,6 +705,8 @@ fn run(kernel: Kernel, ctx: &Ctx, m: usize, parallel: bool) {
     };
     if threads == 1 || tasks == 1 {
         (0..tasks).for_each(task);
+    } else if streaming {
+        crate::team::run_parts(tasks, threads, &task);
     } else {
         (0..tasks).into_par_iter().for_each(task);
     }

@@ -21,6 +21,46 @@ fn assert_close(got: &[f32], want: &[f32], k: usize, ctx: &str) {
 
 const EDGES: [usize; 6] = [1, 7, 8, 9, 17, 49];
 
+/// Decode-sized products large enough to split over output panels on several threads give
+/// the serial result bit for bit.
+#[test]
+fn decode_sized_split_products_equal_the_serial_ones() {
+    let mut rng = Rng::new(12);
+    for (m, n, k) in [(1, 1536, 576), (1, 3001, 130), (3, 1000, 300)] {
+        let x = rng.f32s(m * k, -1.0, 1.0);
+        let w = rng.f32s(n * k, -1.0, 1.0);
+        let bias = rng.f32s(n, -1.0, 1.0);
+        let packed = pack_f32(&w, n, k).unwrap();
+        let mut outs = Vec::new();
+        for threads in [1, 2, 4] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![f32::NAN; m * n];
+            pool.install(|| f32_gemm(&x, m, &packed, Some(&bias), &mut out))
+                .unwrap();
+            outs.push(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+        assert!(outs.windows(2).all(|p| p[0] == p[1]), "{m}x{n}x{k}");
+        let mut want = vec![0f32; m * n];
+        reference_sgemm(
+            1.0,
+            MatRef::new(&x, m, k),
+            MatRef::new(&w, n, k),
+            Transpose::Yes,
+            0.0,
+            MatMut::new(&mut want, m, n),
+        )
+        .unwrap();
+        for (i, v) in want.iter_mut().enumerate() {
+            *v += bias[i % n];
+        }
+        let got: Vec<f32> = outs[0].iter().map(|&b| f32::from_bits(b)).collect();
+        assert_close(&got, &want, k, &format!("split f32_gemm {m}x{n}x{k}"));
+    }
+}
+
 #[test]
 fn f32_gemm_matches_reference_on_every_small_dimension() {
     let mut rng = Rng::new(11);
