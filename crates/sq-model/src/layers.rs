@@ -371,7 +371,7 @@ pub fn attention_gemm(
     alibi: Option<&[f32]>,
     out: &mut [f32],
 ) -> crate::Result<()> {
-    use sq_kernels::{sgemm_serial, MatMut, MatRef, Transpose};
+    use sq_kernels::{sgemm_packed_serial, MatMut, MatRef, PackedB, Transpose};
     let AttentionShape {
         heads,
         kv_heads,
@@ -389,6 +389,22 @@ pub fn attention_gemm(
         .into_par_iter()
         .map(|h| {
             let kvh = h / group;
+            // K and V of the head packed once for every causal block (a block reads a prefix of
+            // K's panels and a window of V's rows).
+            let mut kp = PackedB::new();
+            let mut vp = PackedB::new();
+            for (packed, data, op) in [
+                (&mut kp, keys, Transpose::Yes),
+                (&mut vp, values, Transpose::No),
+            ] {
+                let head = MatRef {
+                    data: &data[kvh * head_dim..],
+                    rows: n_keys,
+                    cols: head_dim,
+                    row_stride: kv_width,
+                };
+                packed.pack(head, op)?;
+            }
             // Causal: a block of query rows needs only the keys up to its last position, so
             // the masked upper triangle is never computed (half the work of a fresh prompt).
             let mut scores = vec![0.0f32; CAUSAL_BLOCK.min(t) * n_keys];
@@ -396,7 +412,10 @@ pub fn attention_gemm(
             for r0 in (0..t).step_by(CAUSAL_BLOCK) {
                 let r1 = (r0 + CAUSAL_BLOCK).min(t);
                 let rows = r1 - r0;
+                // First key of the block, at a panel edge of the packed K (a sliding window's
+                // earlier keys are masked below like the causal ones).
                 let k0 = sliding_window.map_or(0, |w| (pos0 + r0 + 1).saturating_sub(w));
+                let k0 = k0 - k0 % 16;
                 let k1 = pos0 + r1;
                 let nk = k1 - k0;
                 let block = &mut scores[..rows * nk];
@@ -406,20 +425,7 @@ pub fn attention_gemm(
                     cols: head_dim,
                     row_stride: q_width,
                 };
-                let kv = MatRef {
-                    data: &keys[k0 * kv_width + kvh * head_dim..],
-                    rows: nk,
-                    cols: head_dim,
-                    row_stride: kv_width,
-                };
-                sgemm_serial(
-                    scale,
-                    qv,
-                    kv,
-                    Transpose::Yes,
-                    0.0,
-                    MatMut::new(block, rows, nk),
-                )?;
+                sgemm_packed_serial(scale, qv, &kp, 0, k0, 0.0, MatMut::new(block, rows, nk))?;
                 for (i, row) in block.chunks_exact_mut(nk).enumerate() {
                     let pos = pos0 + r0 + i;
                     let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -437,17 +443,12 @@ pub fn attention_gemm(
                     row[..first - k0].fill(0.0);
                     row[pos + 1 - k0..].fill(0.0);
                 }
-                let vv = MatRef {
-                    data: &values[k0 * kv_width + kvh * head_dim..],
-                    rows: nk,
-                    cols: head_dim,
-                    row_stride: kv_width,
-                };
-                sgemm_serial(
+                sgemm_packed_serial(
                     1.0,
                     MatRef::new(block, rows, nk),
-                    vv,
-                    Transpose::No,
+                    &vp,
+                    k0,
+                    0,
                     0.0,
                     MatMut::new(&mut o[r0 * head_dim..r1 * head_dim], rows, head_dim),
                 )?;
