@@ -34,15 +34,15 @@ impl Norm {
         let n = x.len() as f32;
         match self.kind {
             NormKind::RmsNorm => {
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / n;
+                let ms = lane_sum(x, |v| v * v) / n;
                 let r = 1.0 / (ms + self.eps).sqrt();
                 for ((o, &v), &w) in out.iter_mut().zip(x).zip(&self.weight) {
                     *o = w * (v * r);
                 }
             }
             NormKind::LayerNorm => {
-                let mean = x.iter().sum::<f32>() / n;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+                let mean = lane_sum(x, |v| v) / n;
+                let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
                 let r = 1.0 / (var + self.eps).sqrt();
                 match &self.bias {
                     Some(b) => {
@@ -59,6 +59,28 @@ impl Norm {
             }
         }
     }
+}
+
+/// `Σ f(x)` in 16 independent partial sums (one vector register; a single running f32 sum is a
+/// chain of dependent adds the compiler may not reorder), combined pairwise.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// Apply an activation in place (for gated MLPs `x` is the gate).
