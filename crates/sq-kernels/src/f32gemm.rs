@@ -463,6 +463,8 @@ struct Ctx {
     lda: usize,
     k: usize,
     panels: *const LineF32,
+    /// Lines from one panel to the next (`k`, or more for a k window of a [`PackedB`]).
+    pstride: usize,
     n: usize,
     c: *mut f32,
     ldc: usize,
@@ -564,7 +566,7 @@ unsafe fn tile_portable<const R: usize, const V: usize>(ctx: &Ctx, at: &At) {
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let x = *ctx.a.add((i0 + r) * ctx.lda + kk);
             for (v, acc_v) in acc_r.iter_mut().enumerate() {
-                let line = &(*ctx.panels.add((p0 + v) * ctx.k + kk)).0;
+                let line = &(*ctx.panels.add((p0 + v) * ctx.pstride + kk)).0;
                 for (a, &b) in acc_v.iter_mut().zip(line) {
                     *a += x * b;
                 }
@@ -595,12 +597,12 @@ mod x86 {
     pub(super) unsafe fn tile<const R: usize, const V: usize>(ctx: &Ctx, at: &At) {
         let (i0, p0) = (at.i0, at.p0);
         let mut acc = [[_mm512_setzero_ps(); V]; R];
-        let b0 = ctx.panels.add(p0 * ctx.k) as *const f32;
+        let b0 = ctx.panels.add(p0 * ctx.pstride) as *const f32;
         let a0 = ctx.a.add(i0 * ctx.lda);
         for kk in at.k_lo..at.k_hi {
             let mut b = [_mm512_setzero_ps(); V];
             for (v, bv) in b.iter_mut().enumerate() {
-                *bv = _mm512_load_ps(b0.add((v * ctx.k + kk) * PANEL));
+                *bv = _mm512_load_ps(b0.add((v * ctx.pstride + kk) * PANEL));
             }
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*a0.add(r * ctx.lda + kk));
@@ -642,6 +644,8 @@ mod x86 {
 
 /// Below this many multiply-adds a call stays on the calling thread.
 const SERIAL_WORK: usize = 1 << 20;
+/// The same threshold for decode-sized m (at most one row tile).
+const STREAMING_SERIAL_WORK: usize = 1 << 17;
 /// Rows a task keeps hot while it sweeps its panels.
 const MC: usize = 64;
 
@@ -653,7 +657,15 @@ fn run(kernel: Kernel, ctx: &Ctx, m: usize, parallel: bool) {
     let (mr, nv) = (kernel.mr(), kernel.nv());
     let panels = n.div_ceil(PANEL);
     let work = m.saturating_mul(n).saturating_mul(ctx.k.max(1));
-    let threads = if parallel && work >= SERIAL_WORK {
+    // Decode-sized m streams the weights once, bound by read bandwidth that a second core
+    // raises: split from a smaller size, on the spinning team (see `crate::team`).
+    let streaming = m <= mr;
+    let serial_work = if streaming {
+        STREAMING_SERIAL_WORK
+    } else {
+        SERIAL_WORK
+    };
+    let threads = if parallel && work >= serial_work {
         rayon::current_num_threads()
     } else {
         1
@@ -695,6 +707,8 @@ fn run(kernel: Kernel, ctx: &Ctx, m: usize, parallel: bool) {
     };
     if threads == 1 || tasks == 1 {
         (0..tasks).for_each(task);
+    } else if streaming {
+        crate::team::run_parts(tasks, threads, &task);
     } else {
         (0..tasks).into_par_iter().for_each(task);
     }
@@ -733,6 +747,7 @@ pub fn f32_gemm(
         lda: k,
         k,
         panels: w.lines.as_ptr(),
+        pstride: k,
         n,
         c: out.as_mut_ptr(),
         ldc: n,
@@ -815,6 +830,7 @@ fn sgemm_with(
             lda: a.row_stride,
             k,
             panels: packed.as_ptr(),
+            pstride: k,
             n,
             c: c.data.as_mut_ptr(),
             ldc: c.row_stride,
@@ -824,6 +840,106 @@ fn sgemm_with(
         };
         run(kernel, &ctx, m, parallel);
     });
+    Ok(())
+}
+
+/// `op(B)` (`[k, n]`) packed once for several [`sgemm_packed_serial`] calls, each over a window
+/// of its k rows and a prefix of its panels (e.g. the keys and values of one attention head,
+/// used by every causal block of a prefill chunk). Grows, never shrinks, across [`PackedB::pack`].
+#[derive(Debug, Default)]
+pub struct PackedB {
+    lines: Vec<LineF32>,
+    n: usize,
+    k: usize,
+}
+
+impl PackedB {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Columns of `op(B)`.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Rows of `op(B)` (the reduction length).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Packs `op(B)` for `b` as [`sgemm`] reads it.
+    pub fn pack(&mut self, b: MatRef<'_>, b_op: Transpose) -> Result<()> {
+        check_strided(
+            "PackedB::pack",
+            "b",
+            b.data.len(),
+            b.rows,
+            b.cols,
+            b.row_stride,
+        )?;
+        let (k, n, stride_n, stride_k) = match b_op {
+            Transpose::No => (b.rows, b.cols, 1, b.row_stride),
+            Transpose::Yes => (b.cols, b.rows, b.row_stride, 1),
+        };
+        let lines = checked_mul("PackedB::pack", n.div_ceil(PANEL), k)?;
+        if self.lines.len() < lines {
+            self.lines.resize(lines, LineF32([0.0; PANEL]));
+        }
+        pack_into(b.data, n, k, stride_n, stride_k, &mut self.lines[..lines]);
+        self.n = n;
+        self.k = k;
+        Ok(())
+    }
+}
+
+/// `C = alpha · A · op(B)[k_lo .. k_lo + A.cols, n_lo .. n_lo + C.cols] + beta · C` on the
+/// calling thread, with `op(B)` packed in `b`; `n_lo` must be a multiple of 16 (a panel edge).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_packed_serial(
+    alpha: f32,
+    a: MatRef<'_>,
+    b: &PackedB,
+    k_lo: usize,
+    n_lo: usize,
+    beta: f32,
+    c: MatMut<'_>,
+) -> Result<()> {
+    const OP: &str = "sgemm_packed_serial";
+    let (m, k, n) = (a.rows, a.cols, c.cols);
+    if c.rows != m
+        || !n_lo.is_multiple_of(PANEL)
+        || k_lo.checked_add(k).is_none_or(|e| e > b.k)
+        || n_lo.checked_add(n).is_none_or(|e| e > b.n)
+    {
+        return Err(KernelError::ShapeMismatch {
+            op: OP,
+            detail: format!(
+                "A is [{m}, {k}], C is [{}, {n}], window k {k_lo}.. n {n_lo}.. of a packed op(B) of [{}, {}] (n start must be a multiple of {PANEL})",
+                c.rows, b.k, b.n
+            ),
+        });
+    }
+    check_strided(OP, "a", a.data.len(), a.rows, a.cols, a.row_stride)?;
+    check_strided(OP, "c", c.data.len(), c.rows, c.cols, c.row_stride)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let ctx = Ctx {
+        a: a.data.as_ptr(),
+        lda: a.row_stride,
+        k,
+        // SAFETY (of the offset): inside the packed lines, checked above.
+        panels: b.lines[(n_lo / PANEL) * b.k + k_lo..].as_ptr(),
+        pstride: b.k,
+        n,
+        c: c.data.as_mut_ptr(),
+        ldc: c.row_stride,
+        alpha,
+        beta,
+        bias: std::ptr::null(),
+    };
+    run(Kernel::best(), &ctx, m, false);
     Ok(())
 }
 

@@ -60,6 +60,7 @@ macro_rules! dispatch_tile {
     };
 }
 
+pub mod attention;
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -70,6 +71,7 @@ pub mod int8;
 pub mod math;
 pub mod quantize;
 mod scratch;
+pub mod team;
 
 pub use dispatch::{
     available_backends, backend_by_name, select_backend, select_backend_with, BACKEND_ENV,
@@ -77,8 +79,8 @@ pub use dispatch::{
 };
 pub use error::{KernelError, Result};
 pub use f32gemm::{
-    f32_gemm, pack_f32, pack_f32_rows, reference_sgemm, sgemm, sgemm_serial, MatMut, MatRef,
-    PackedF32, Transpose,
+    f32_gemm, pack_f32, pack_f32_rows, reference_sgemm, sgemm, sgemm_packed_serial, sgemm_serial,
+    MatMut, MatRef, PackedB, PackedF32, Transpose,
 };
 pub use int8::{
     dequantize_acc, requantize, ActScales, Avx512Vnni, AvxVnni, BatchedI8, BmmOutput, Int8Gemm,

@@ -541,6 +541,57 @@ fn results_do_not_depend_on_thread_count() {
     }
 }
 
+/// Decode-sized products (m of 1 and 2) above the streaming split threshold run over output
+/// panels on several threads: bit for bit the serial result, which equals the reference.
+#[test]
+fn decode_sized_split_products_equal_the_serial_ones() {
+    let mut rng = Rng::new(6);
+    // 576 x 1536 is SmolLM2's gate/up shape; 49 x 3000 is odd-sized with a partial panel.
+    for (m, n, k) in [
+        (1, 1536, 576),
+        (2, 1536, 576),
+        (1, 3000, 49),
+        (1, 4000, 130),
+    ] {
+        let x = rng.i8s(m * k);
+        let w = rng.i8s(n * k);
+        let scales = rng.f32s(m, 0.01, 0.02);
+        let col = rng.f32s(n, 0.01, 0.02);
+        let bias = rng.f32s(n, -1.0, 1.0);
+        let reference = Reference
+            .pack_weights(&w, n, k, WeightScales::PerChannel(col.clone()), Some(&bias))
+            .unwrap();
+        let mut want = vec![0f32; m * n];
+        Reference
+            .gemm_f32_out(&x, m, ActScales::PerToken(&scales), &reference, &mut want)
+            .unwrap();
+        for b in optimized_backends() {
+            let packed = b
+                .pack_weights(&w, n, k, WeightScales::PerChannel(col.clone()), Some(&bias))
+                .unwrap();
+            let mut outs = Vec::new();
+            for threads in [1, 2, 4] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut out = vec![0f32; m * n];
+                pool.install(|| {
+                    b.gemm_f32_out(&x, m, ActScales::PerToken(&scales), &packed, &mut out)
+                })
+                .unwrap();
+                outs.push(bits(&out));
+            }
+            assert!(
+                outs.windows(2).all(|p| p[0] == p[1]),
+                "{} m={m} n={n} k={k}",
+                b.name()
+            );
+            assert_eq!(outs[0], bits(&want), "{} m={m} n={n} k={k}", b.name());
+        }
+    }
+}
+
 #[test]
 fn unpack_returns_the_weights_whatever_the_layout() {
     let mut rng = Rng::new(21);

@@ -5,6 +5,7 @@ use crate::config::{Activation, NormKind};
 use crate::int8_attention::{Int8KvLayer, Int8KvStore};
 use crate::{ModelError, Result};
 use rayon::prelude::*;
+use sq_kernels::attention::{attend_row, Alibi, HeadKv};
 use std::cell::RefCell;
 
 /// A LayerNorm or RMSNorm with its Hugging Face name. Smoothing folds scales into `weight` and
@@ -33,15 +34,15 @@ impl Norm {
         let n = x.len() as f32;
         match self.kind {
             NormKind::RmsNorm => {
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / n;
+                let ms = lane_sum(x, |v| v * v) / n;
                 let r = 1.0 / (ms + self.eps).sqrt();
                 for ((o, &v), &w) in out.iter_mut().zip(x).zip(&self.weight) {
                     *o = w * (v * r);
                 }
             }
             NormKind::LayerNorm => {
-                let mean = x.iter().sum::<f32>() / n;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+                let mean = lane_sum(x, |v| v) / n;
+                let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
                 let r = 1.0 / (var + self.eps).sqrt();
                 match &self.bias {
                     Some(b) => {
@@ -58,6 +59,28 @@ impl Norm {
             }
         }
     }
+}
+
+/// `Σ f(x)` in 16 independent partial sums (one vector register; a single running f32 sum is a
+/// chain of dependent adds the compiler may not reorder), combined pairwise.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// Apply an activation in place (for gated MLPs `x` is the gate).
@@ -306,55 +329,51 @@ pub fn attention(
     let q_width = heads * head_dim;
     let kv_width = kv_heads * head_dim;
     let group = heads / kv_heads;
-    out.par_chunks_mut(q_width)
-        .zip(q.par_chunks(q_width))
-        .enumerate()
-        .for_each(|(t, (o_row, q_row))| {
-            let pos = pos0 + t;
-            let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let n = pos + 1 - first;
-            SCORES.with(|s| {
-                let mut scores = s.borrow_mut();
-                if scores.len() < n {
-                    scores.resize(n, 0.0);
-                }
-                let scores = &mut scores[..n];
-                for h in 0..heads {
-                    let kvh = h / group;
-                    let qh = &q_row[h * head_dim..(h + 1) * head_dim];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate() {
-                        let kp = first + j;
-                        let k = &keys[kp * kv_width + kvh * head_dim..][..head_dim];
-                        let mut d = 0.0f32;
-                        for (a, b) in qh.iter().zip(k) {
-                            d += a * b;
-                        }
-                        let mut v = d * scale;
-                        if let Some(slopes) = alibi {
-                            v += slopes[h] * kp as f32;
-                        }
-                        *sc = v;
-                        max = max.max(v);
-                    }
-                    let mut sum = 0.0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = sq_kernels::math::exp(*sc - max);
-                        sum += *sc;
-                    }
-                    let inv = 1.0 / sum;
-                    let oh = &mut o_row[h * head_dim..(h + 1) * head_dim];
-                    oh.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        let v = &values[(first + j) * kv_width + kvh * head_dim..][..head_dim];
-                        let p = p * inv;
-                        for (o, &x) in oh.iter_mut().zip(v) {
-                            *o += p * x;
-                        }
-                    }
-                }
-            });
+    // One unit per (query row, head): a decode step splits its heads across the threads when
+    // the keys make that worth a fork.
+    let unit = |i: usize, o_head: &mut [f32]| {
+        let (t, h) = (i / heads, i % heads);
+        let pos = pos0 + t;
+        let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let n = pos + 1 - first;
+        let at = first * kv_width + (h / group) * head_dim;
+        let kv = HeadKv {
+            keys: &keys[at..],
+            values: &values[at..],
+            stride: kv_width,
+            n,
+        };
+        let q_head = &q[t * q_width + h * head_dim..][..head_dim];
+        let alibi = alibi.map(|slopes| Alibi {
+            slope: slopes[h],
+            first,
         });
+        SCORES.with(|s| {
+            let mut scores = s.borrow_mut();
+            if scores.len() < n {
+                scores.resize(n, 0.0);
+            }
+            attend_row(q_head, kv, scale, alibi, &mut scores[..n], o_head);
+        });
+    };
+    let units = out.len() / head_dim.max(1);
+    let keys_seen = pos0 + units / heads.max(1);
+    let work = units * keys_seen * head_dim;
+    if parallel_attention(work) {
+        // Decode-sized: the spinning team (rayon's wake-up costs more than a head's work).
+        sq_kernels::team::run_chunks_mut(out, head_dim, rayon::current_num_threads(), &unit);
+    } else {
+        for (i, o) in out.chunks_exact_mut(head_dim).enumerate() {
+            unit(i, o);
+        }
+    }
+}
+
+/// Multiply-adds of q·k and P·V below which [`attention`] stays on the calling thread.
+pub const PARALLEL_ATTENTION_WORK: usize = 1 << 17;
+
+fn parallel_attention(work: usize) -> bool {
+    work >= PARALLEL_ATTENTION_WORK && rayon::current_num_threads() > 1
 }
 
 /// Below this many query rows, [`attention`] runs its row loop; above, the per-head GEMM path.
@@ -374,7 +393,7 @@ pub fn attention_gemm(
     alibi: Option<&[f32]>,
     out: &mut [f32],
 ) -> crate::Result<()> {
-    use sq_kernels::{sgemm_serial, MatMut, MatRef, Transpose};
+    use sq_kernels::{sgemm_packed_serial, MatMut, MatRef, PackedB, Transpose};
     let AttentionShape {
         heads,
         kv_heads,
@@ -392,6 +411,22 @@ pub fn attention_gemm(
         .into_par_iter()
         .map(|h| {
             let kvh = h / group;
+            // K and V of the head packed once for every causal block (a block reads a prefix of
+            // K's panels and a window of V's rows).
+            let mut kp = PackedB::new();
+            let mut vp = PackedB::new();
+            for (packed, data, op) in [
+                (&mut kp, keys, Transpose::Yes),
+                (&mut vp, values, Transpose::No),
+            ] {
+                let head = MatRef {
+                    data: &data[kvh * head_dim..],
+                    rows: n_keys,
+                    cols: head_dim,
+                    row_stride: kv_width,
+                };
+                packed.pack(head, op)?;
+            }
             // Causal: a block of query rows needs only the keys up to its last position, so
             // the masked upper triangle is never computed (half the work of a fresh prompt).
             let mut scores = vec![0.0f32; CAUSAL_BLOCK.min(t) * n_keys];
@@ -399,7 +434,10 @@ pub fn attention_gemm(
             for r0 in (0..t).step_by(CAUSAL_BLOCK) {
                 let r1 = (r0 + CAUSAL_BLOCK).min(t);
                 let rows = r1 - r0;
+                // First key of the block, at a panel edge of the packed K (a sliding window's
+                // earlier keys are masked below like the causal ones).
                 let k0 = sliding_window.map_or(0, |w| (pos0 + r0 + 1).saturating_sub(w));
+                let k0 = k0 - k0 % 16;
                 let k1 = pos0 + r1;
                 let nk = k1 - k0;
                 let block = &mut scores[..rows * nk];
@@ -409,20 +447,7 @@ pub fn attention_gemm(
                     cols: head_dim,
                     row_stride: q_width,
                 };
-                let kv = MatRef {
-                    data: &keys[k0 * kv_width + kvh * head_dim..],
-                    rows: nk,
-                    cols: head_dim,
-                    row_stride: kv_width,
-                };
-                sgemm_serial(
-                    scale,
-                    qv,
-                    kv,
-                    Transpose::Yes,
-                    0.0,
-                    MatMut::new(block, rows, nk),
-                )?;
+                sgemm_packed_serial(scale, qv, &kp, 0, k0, 0.0, MatMut::new(block, rows, nk))?;
                 for (i, row) in block.chunks_exact_mut(nk).enumerate() {
                     let pos = pos0 + r0 + i;
                     let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -440,17 +465,12 @@ pub fn attention_gemm(
                     row[..first - k0].fill(0.0);
                     row[pos + 1 - k0..].fill(0.0);
                 }
-                let vv = MatRef {
-                    data: &values[k0 * kv_width + kvh * head_dim..],
-                    rows: nk,
-                    cols: head_dim,
-                    row_stride: kv_width,
-                };
-                sgemm_serial(
+                sgemm_packed_serial(
                     1.0,
                     MatRef::new(block, rows, nk),
-                    vv,
-                    Transpose::No,
+                    &vp,
+                    k0,
+                    0,
                     0.0,
                     MatMut::new(&mut o[r0 * head_dim..r1 * head_dim], rows, head_dim),
                 )?;
@@ -470,6 +490,80 @@ pub fn attention_gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A decode step (one query row) over many keys splits its heads across the threads: the
+    /// result is bit for bit the serial one, and equals an f64 evaluation of the definition.
+    #[test]
+    fn threaded_decode_attention_equals_serial() {
+        let (heads, kv_heads, hd) = (9, 3, 64);
+        let val = |i: usize| ((i * 2654435761) % 1000) as f32 / 250.0 - 2.0;
+        for (pos0, t, window, with_alibi) in [
+            (700, 1, None, false),
+            (900, 1, Some(300), true),
+            (600, 3, None, false),
+        ] {
+            let n = pos0 + t;
+            let q: Vec<f32> = (0..t * heads * hd).map(val).collect();
+            let keys: Vec<f32> = (0..n * kv_heads * hd).map(|i| val(i + 7)).collect();
+            let values: Vec<f32> = (0..n * kv_heads * hd).map(|i| val(i + 13)).collect();
+            let slopes = crate::config::alibi_slopes(heads);
+            let alibi = with_alibi.then_some(slopes.as_slice());
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                pos0,
+                scale: 0.125,
+                sliding_window: window,
+            };
+            assert!(t * heads * n * hd >= PARALLEL_ATTENTION_WORK);
+            let mut outs = Vec::new();
+            for threads in [1, 2, 4] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut out = vec![f32::NAN; t * heads * hd];
+                pool.install(|| attention(&q, &keys, &values, &shape, alibi, &mut out));
+                outs.push(out);
+            }
+            for o in &outs[1..] {
+                let same = o
+                    .iter()
+                    .zip(&outs[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "pos0 {pos0} t {t}: threaded result differs");
+            }
+            // The definition in f64, row 0 (position pos0) of every head.
+            let kvw = kv_heads * hd;
+            let first = window.map_or(0, |w| (pos0 + 1).saturating_sub(w));
+            for h in 0..heads {
+                let kvh = h / (heads / kv_heads);
+                let s: Vec<f64> = (first..=pos0)
+                    .map(|p| {
+                        let dot: f64 = (0..hd)
+                            .map(|i| q[h * hd + i] as f64 * keys[p * kvw + kvh * hd + i] as f64)
+                            .sum();
+                        dot * 0.125 + alibi.map_or(0.0, |a| a[h] as f64 * p as f64)
+                    })
+                    .collect();
+                let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for i in 0..hd {
+                    let want: f64 = (first..=pos0)
+                        .zip(&e)
+                        .map(|(p, w)| w / sum * values[p * kvw + kvh * hd + i] as f64)
+                        .sum();
+                    let got = outs[0][h * hd + i] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "head {h} dim {i}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn gemm_attention_equals_the_row_loop() {

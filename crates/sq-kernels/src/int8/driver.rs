@@ -207,6 +207,9 @@ pub(crate) unsafe fn row_sums_scalar(a: *const i8, lda: usize, k: usize, out: &m
 /// Below this many multiply-adds a call runs on the calling thread: rayon's fork costs more.
 const SERIAL_WORK: usize = 1 << 20;
 
+/// The same threshold for decode-sized m (weights streamed once from DRAM).
+const STREAMING_SERIAL_WORK: usize = 1 << 17;
+
 /// Panels per task: up to 18 (288 columns, whose weights stay in L2), fewer when that leaves
 /// under 4 tasks per thread, and split evenly so no thread gets a short last task.
 pub(crate) fn panel_block(panels: usize, m_blocks: usize, threads: usize, nv: usize) -> usize {
@@ -223,7 +226,16 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
     }
     let panels = n.div_ceil(PANEL_COLS);
     let work = m.saturating_mul(n).saturating_mul(ctx.k.max(1));
-    let threads = if parallel && work >= SERIAL_WORK {
+    // Decode-sized m: each weight line is used by at most two row tiles, so the weights stream
+    // from DRAM once (see below). Such a product is bound by read bandwidth, which a second
+    // core raises, so it is split over output panels from a smaller size.
+    let streaming = m <= 2 * K::MR;
+    let serial_work = if streaming {
+        STREAMING_SERIAL_WORK
+    } else {
+        SERIAL_WORK
+    };
+    let threads = if parallel && work >= serial_work {
         rayon::current_num_threads()
     } else {
         1
@@ -235,10 +247,8 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
     let n_blocks = panels.div_ceil(np);
     let tasks = m_blocks * n_blocks;
 
-    // Decode-sized m: each weight line is used by at most two row tiles, so the weights stream
-    // from DRAM once. One k block keeps every panel a single long sequential stream (k blocks
+    // Streaming: one k block keeps every panel a single long sequential stream (k blocks
     // would restart the hardware prefetcher every KC groups), and software prefetch runs ahead.
-    let streaming = m <= 2 * K::MR;
     let kc = if streaming {
         ctx.groups.max(1)
     } else {
@@ -309,6 +319,9 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
     };
     if threads == 1 || tasks == 1 {
         (0..tasks).for_each(run_task);
+    } else if streaming {
+        // Microseconds per product: the spinning team, not rayon's sleeping workers.
+        crate::team::run_parts(tasks, threads, &run_task);
     } else {
         (0..tasks).into_par_iter().for_each(run_task);
     }
