@@ -170,21 +170,6 @@ pub(crate) trait TileKernel: Sync {
     /// `rows <= MR`, `panels <= NV`, and the rows, panels and partial buffer must exist.
     unsafe fn tile(&self, ctx: &TileCtx, at: &TileAt, rows: usize, panels: usize);
 
-    /// Rows of the one-panel tall tile used when the weights stream (decode-sized m above
-    /// `MR`): every weight line is then loaded once and used by all the rows, where `MR`-row
-    /// tiles would read each panel once per row tile. `MR` where the kernel has no tall tile.
-    const STREAM_MR: usize = Self::MR;
-
-    /// Computes rows `at.i0..at.i0 + rows` (`MR < rows <= STREAM_MR`) against the one panel
-    /// `at.p0`, as [`TileKernel::tile`] does.
-    ///
-    /// # Safety
-    /// As for [`TileKernel::tile`], with `rows <= STREAM_MR`.
-    unsafe fn tall_tile(&self, ctx: &TileCtx, at: &TileAt, rows: usize) {
-        let _ = (ctx, at, rows);
-        unreachable!("a kernel without a tall tile has STREAM_MR == MR");
-    }
-
     /// `out[i] = Σ_k a[i * lda + k]`.
     ///
     /// # Safety
@@ -258,22 +243,15 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
     let k_blocks = ctx.groups.div_ceil(kc).max(1);
     let ld_partial = np * PANEL_COLS;
 
-    // Streaming rows that fit one tall tile: one panel at a time, all rows at once.
-    let tall = streaming && m > K::MR && m <= K::STREAM_MR;
-    let (tile_rows, tile_panels) = if tall {
-        (K::STREAM_MR, 1)
-    } else {
-        (K::MR, K::NV)
-    };
     let sweep = |i_lo: usize, i_hi: usize, p_lo: usize, p_hi: usize, partial: *mut i32| {
         for kb in 0..k_blocks {
             let (g_lo, g_hi) = (kb * kc, ((kb + 1) * kc).min(ctx.groups));
             let mut p = p_lo;
             while p < p_hi {
-                let pn = tile_panels.min(p_hi - p);
+                let pn = K::NV.min(p_hi - p);
                 let mut i = i_lo;
                 while i < i_hi {
-                    let rows = tile_rows.min(i_hi - i);
+                    let rows = K::MR.min(i_hi - i);
                     let at = TileAt {
                         i0: i,
                         p0: p,
@@ -291,13 +269,7 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
                         prefetch,
                     };
                     // SAFETY: rows and panels are inside the validated problem.
-                    unsafe {
-                        if rows > K::MR {
-                            kern.tall_tile(ctx, &at, rows)
-                        } else {
-                            kern.tile(ctx, &at, rows, pn)
-                        }
-                    };
+                    unsafe { kern.tile(ctx, &at, rows, pn) };
                     i += rows;
                 }
                 p += pn;

@@ -44,13 +44,6 @@ impl TileKernel for Avx512Vnni {
         dispatch_tile!(tile_512(ctx, at), rows, panels, [1 2 3 4 5 6 7 8], [1 2 3]);
     }
 
-    // 16 accumulators + the weight vector + a broadcast: 18 of the 32 zmm registers.
-    const STREAM_MR: usize = 16;
-
-    unsafe fn tall_tile(&self, ctx: &TileCtx, at: &TileAt, rows: usize) {
-        dispatch_tile!(tile_512(ctx, at), rows, 1, [9 10 11 12 13 14 15 16], [1]);
-    }
-
     unsafe fn row_sums(&self, a: *const i8, lda: usize, k: usize, out: &mut [i32]) {
         row_sums_512(a, lda, k, out);
     }
