@@ -364,6 +364,48 @@ fn int8_lm_head_round_trips_and_shrinks_the_model() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--lm-head int8"));
 }
 
+/// An α table with `null` leaves those groups unsmoothed, and the report says so with `null`:
+/// the reported table replays as `--alpha FILE`.
+#[test]
+fn alpha_table_null_leaves_groups_unsmoothed() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("alphas.json");
+    std::fs::write(
+        &table,
+        r#"{"model.layers.0.self_attn.o_proj": null, "model.layers.1.mlp.down_proj": null, "model.layers.2.self_attn.q_proj": 0.7}"#,
+    )
+    .unwrap();
+    let calib = assets().join("calib.txt");
+    let out = dir.path().join("q");
+    let v = json(&run(&[
+        "quantize",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "4",
+        "--calib-seq-len",
+        "64",
+        "--alpha",
+        table.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    let alphas = v["alphas"].as_object().unwrap();
+    assert_eq!(alphas.len(), 20, "{v}");
+    assert_eq!(
+        alphas["model.layers.0.self_attn.o_proj"],
+        serde_json::Value::Null
+    );
+    assert_eq!(
+        alphas["model.layers.1.mlp.down_proj"],
+        serde_json::Value::Null
+    );
+    assert_eq!(alphas["model.layers.2.self_attn.q_proj"], 0.7);
+    assert_eq!(alphas["model.layers.2.mlp.down_proj"], 0.5);
+    assert_eq!(v["folds"].as_object().unwrap().len(), 18, "{v}");
+}
+
 #[test]
 fn quantize_reload_eval_generate() {
     let dir = tempfile::tempdir().unwrap();

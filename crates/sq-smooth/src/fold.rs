@@ -4,7 +4,7 @@ use crate::groups::{Fold, SmoothGroup};
 use crate::{smoothing_scales, Result, SmoothError};
 use sq_calib::StatsTable;
 use sq_model::{Linear, Model};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Migration strength: one value for every group, or one per group (named by its first Linear).
 #[derive(Clone, Debug, PartialEq)]
@@ -13,6 +13,9 @@ pub enum AlphaSpec {
     PerGroup {
         default: f32,
         groups: BTreeMap<String, f32>,
+        /// Groups left unsmoothed ([`smooth_model`] skips them): `null` in an α table, and the
+        /// groups `--alpha auto` dropped.
+        unsmoothed: BTreeSet<String>,
     },
 }
 
@@ -21,27 +24,57 @@ impl AlphaSpec {
     pub fn for_group(&self, group: &str) -> f32 {
         match self {
             AlphaSpec::Global(a) => *a,
-            AlphaSpec::PerGroup { default, groups } => {
-                groups.get(group).copied().unwrap_or(*default)
+            AlphaSpec::PerGroup {
+                default, groups, ..
+            } => groups.get(group).copied().unwrap_or(*default),
+        }
+    }
+
+    /// Whether `group` is smoothed at all.
+    pub fn smooths(&self, group: &str) -> bool {
+        match self {
+            AlphaSpec::Global(_) => true,
+            AlphaSpec::PerGroup { unsmoothed, .. } => !unsmoothed.contains(group),
+        }
+    }
+
+    /// The groups left unsmoothed.
+    pub fn unsmoothed(&self) -> Vec<&str> {
+        match self {
+            AlphaSpec::Global(_) => Vec::new(),
+            AlphaSpec::PerGroup { unsmoothed, .. } => {
+                unsmoothed.iter().map(String::as_str).collect()
             }
         }
     }
 
     /// Read a JSON object `{"model.layers.0.self_attn.q_proj": 0.8, ...}`; groups it does not name
-    /// use `default`.
+    /// use `default`, and a group mapped to `null` is left unsmoothed (so the `alphas` that
+    /// `--alpha auto` reports replay exactly).
     pub fn from_json(text: &str, default: f32) -> Result<Self> {
-        let map: BTreeMap<String, f32> = serde_json::from_str(text)
+        let map: BTreeMap<String, Option<f32>> = serde_json::from_str(text)
             .map_err(|e| SmoothError::Config(format!("alpha table: {e}")))?;
-        for (k, v) in &map {
-            if !(0.0..=1.0).contains(v) {
-                return Err(SmoothError::Config(format!(
-                    "alpha table: `{k}` has alpha {v}, outside [0, 1]"
-                )));
+        let mut groups = BTreeMap::new();
+        let mut unsmoothed = BTreeSet::new();
+        for (k, v) in map {
+            match v {
+                None => {
+                    unsmoothed.insert(k);
+                }
+                Some(v) if (0.0..=1.0).contains(&v) => {
+                    groups.insert(k, v);
+                }
+                Some(v) => {
+                    return Err(SmoothError::Config(format!(
+                        "alpha table: `{k}` has alpha {v}, outside [0, 1]"
+                    )))
+                }
             }
         }
         Ok(AlphaSpec::PerGroup {
             default,
-            groups: map,
+            groups,
+            unsmoothed,
         })
     }
 }
@@ -96,7 +129,7 @@ pub fn smooth_model(
     alpha: &AlphaSpec,
 ) -> Result<Vec<GroupResult>> {
     let mut results = Vec::with_capacity(groups.len());
-    for group in groups {
+    for group in groups.iter().filter(|g| alpha.smooths(g.name())) {
         let act = stats
             .get(group.name())
             .ok_or_else(|| {

@@ -416,6 +416,7 @@ pub fn refine_alphas(
         kinds.iter().map(|k| (k.clone(), best_global)).collect();
     let by_kind = |kind_alpha: &BTreeMap<String, f32>| AlphaSpec::PerGroup {
         default: best_global,
+        unsmoothed: Default::default(),
         groups: kept
             .iter()
             .map(|g| (g.name().to_string(), kind_alpha[&group_kind(g.name())]))
@@ -443,6 +444,7 @@ pub fn refine_alphas(
     }
     let per_group = |clamp: Option<f32>| AlphaSpec::PerGroup {
         default: best_global,
+        unsmoothed: Default::default(),
         groups: local
             .iter()
             .filter(|c| kept.iter().any(|g| g.name() == c.group))

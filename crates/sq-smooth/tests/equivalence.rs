@@ -239,4 +239,47 @@ fn alpha_tables() {
     assert_eq!(spec.for_group("model.layers.1.self_attn.q_proj"), 0.5);
     assert!(AlphaSpec::from_json(r#"{"x": 1.5}"#, 0.5).is_err());
     assert!(AlphaSpec::from_json("[1]", 0.5).is_err());
+    assert!(AlphaSpec::from_json(r#"{"x": "0.5"}"#, 0.5).is_err());
+}
+
+/// `null` in an α table leaves that group unsmoothed: its norm and weights stay as they were,
+/// the other groups are smoothed, and the outputs are still unchanged.
+#[test]
+fn alpha_table_null_leaves_a_group_unsmoothed() {
+    let mut loaded = load_hf_dir(&fixture("llama-gqa")).unwrap();
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 97).collect();
+    let mut stats = calibrate(
+        &mut loaded.model,
+        &ids,
+        &CalibConfig {
+            samples: 1,
+            seq_len: 40,
+            seed: 0,
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    let groups = smoothing_groups(&loaded.model, SmoothTargets::All).unwrap();
+    let skipped = groups[0].name().to_string();
+    let Fold::Norm { norm } = &groups[0].fold else {
+        panic!("the first group folds into a norm")
+    };
+    let norm_before = loaded.model.layers[0].attn_norm.weight.clone();
+    assert_eq!(&loaded.model.layers[0].attn_norm.name, norm);
+    let before = logits(&loaded.model, &ids);
+    let spec = AlphaSpec::from_json(&format!(r#"{{"{skipped}": null}}"#), 0.6).unwrap();
+    assert!(!spec.smooths(&skipped) && spec.smooths(groups[1].name()));
+    assert_eq!(spec.unsmoothed(), [skipped.as_str()]);
+    let results = smooth_model(&mut loaded.model, &groups, &mut stats, &spec).unwrap();
+    assert_eq!(results.len(), groups.len() - 1);
+    assert!(results
+        .iter()
+        .all(|r| r.group.name() != skipped && r.alpha == 0.6));
+    assert_eq!(loaded.model.layers[0].attn_norm.weight, norm_before);
+    assert_ne!(loaded.model.layers[0].mlp_norm.weight, {
+        let fresh = load_hf_dir(&fixture("llama-gqa")).unwrap();
+        fresh.model.layers[0].mlp_norm.weight.clone()
+    });
+    let after = logits(&loaded.model, &ids);
+    assert!(rel_err(&after, &before) < 1e-4);
 }

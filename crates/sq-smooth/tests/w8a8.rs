@@ -265,6 +265,7 @@ fn alpha_search_picks_per_group_strengths_that_beat_naive() {
         let spec = AlphaSpec::PerGroup {
             default: 0.5,
             groups: choices.iter().map(|c| (c.group.clone(), c.alpha)).collect(),
+            unsmoothed: Default::default(),
         };
         smooth_model(&mut loaded.model, &groups, &mut stats, &spec).unwrap();
         quantize_model(

@@ -71,6 +71,7 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
         if *scheme == Scheme::SmoothQuant && loaded.quantization.is_none() {
             row.insert("smoothed_groups".into(), built.smoothing.len().into());
             if super::pipeline::is_auto(&a.quant) {
+                // Groups auto left unsmoothed are `null`: the object replays as `--alpha FILE`.
                 let alphas: serde_json::Map<String, serde_json::Value> = built
                     .smoothing
                     .iter()
@@ -80,6 +81,12 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
                             super::pipeline::f32_json(g.alpha),
                         )
                     })
+                    .chain(
+                        built
+                            .unsmoothed
+                            .iter()
+                            .map(|g| (g.clone(), serde_json::Value::Null)),
+                    )
                     .collect();
                 row.insert("alphas".into(), alphas.into());
             }

@@ -73,10 +73,19 @@ pub fn alpha(q: &QuantArgs) -> Result<AlphaSpec> {
 pub fn alpha_json(spec: &AlphaSpec) -> serde_json::Value {
     match spec {
         AlphaSpec::Global(a) => f32_json(*a),
-        AlphaSpec::PerGroup { groups, default } => {
+        AlphaSpec::PerGroup {
+            groups,
+            default,
+            unsmoothed,
+        } => {
             let groups: serde_json::Map<String, serde_json::Value> = groups
                 .iter()
                 .map(|(k, v)| (k.clone(), f32_json(*v)))
+                .chain(
+                    unsmoothed
+                        .iter()
+                        .map(|k| (k.clone(), serde_json::Value::Null)),
+                )
                 .collect();
             serde_json::json!({"default": f32_json(*default), "groups": groups})
         }
@@ -270,13 +279,19 @@ pub fn auto_alpha(
             refinement.tried.len()
         );
     }
-    // Reports name every smoothed group's α.
+    // Reports name every smoothed group's α, and the searched groups the choice left unsmoothed
+    // (so the reported table replays as `--alpha FILE`).
     let spec = AlphaSpec::PerGroup {
         default: chosen.alphas.for_group(""),
         groups: chosen
             .groups
             .iter()
             .map(|g| (g.name().to_string(), chosen.alphas.for_group(g.name())))
+            .collect(),
+        unsmoothed: groups
+            .iter()
+            .filter(|g| !chosen.groups.contains(g))
+            .map(|g| g.name().to_string())
             .collect(),
     };
     Ok((spec, chosen.groups))
@@ -286,6 +301,8 @@ pub fn auto_alpha(
 pub struct Built {
     pub loaded: LoadedModel,
     pub smoothing: Vec<GroupResult>,
+    /// Smoothing groups left unsmoothed by the α table or `--alpha auto`.
+    pub unsmoothed: Vec<String>,
 }
 
 /// Load the model and turn it into `scheme`.
@@ -298,6 +315,7 @@ pub fn build(
 ) -> Result<Built> {
     let mut loaded = load_model(model, show)?;
     let mut smoothing = Vec::new();
+    let mut unsmoothed = Vec::new();
     if let Some(qc) = &loaded.quantization {
         // A checkpoint written by `quantize` already runs INT8 (schemes_for checked the scheme);
         // its attention is INT8 when it records so, or when asked now (the scales are dynamic).
@@ -312,10 +330,18 @@ pub fn build(
         if q.int8_attention {
             loaded.model.attention = sq_model::AttentionMode::Int8(sq_kernels::select_backend()?);
         }
-        return Ok(Built { loaded, smoothing });
+        return Ok(Built {
+            loaded,
+            smoothing,
+            unsmoothed: Vec::new(),
+        });
     }
     if scheme == Scheme::Fp32 {
-        return Ok(Built { loaded, smoothing });
+        return Ok(Built {
+            loaded,
+            smoothing,
+            unsmoothed: Vec::new(),
+        });
     }
     let stats = stats.context("quantized schemes need calibration statistics")?;
     super::common::check_stats_fit(&loaded.model, stats)?;
@@ -330,6 +356,7 @@ pub fn build(
         };
         let _span = tracing::info_span!("smooth", groups = groups.len()).entered();
         smoothing = smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?;
+        unsmoothed = spec.unsmoothed().into_iter().map(str::to_string).collect();
     }
     let backend = sq_kernels::select_backend()?;
     let _span =
@@ -352,7 +379,11 @@ pub fn build(
     if q.int8_attention {
         loaded.model.attention = sq_model::AttentionMode::Int8(backend);
     }
-    Ok(Built { loaded, smoothing })
+    Ok(Built {
+        loaded,
+        smoothing,
+        unsmoothed,
+    })
 }
 
 /// The per-scheme fields of the contract's report rows.

@@ -222,6 +222,11 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             );
             folds.insert(r.group.name().to_string(), r.group.fold.describe().into());
         }
+        // Groups left unsmoothed (auto's choice or `null` in the table) are `null`, so the
+        // reported table replays as `--alpha FILE`.
+        for g in spec.unsmoothed() {
+            alphas.insert(g.to_string(), serde_json::Value::Null);
+        }
         record.insert(
             "alpha".into(),
             if super::pipeline::is_auto(&a.quant) {
