@@ -6,8 +6,8 @@ use crate::int8_attention::{
     attention_fake_quant, attention_int8, AttentionMode, Int8AttentionScratch,
 };
 use crate::layers::{
-    activate, apply_rope, attention, attention_gemm, AttentionShape, KvCache, LayerKv, Norm,
-    GEMM_ATTENTION_MIN_ROWS,
+    activate, apply_rope_table, attention, attention_gemm, rope_table, AttentionShape, KvCache,
+    LayerKv, Norm, GEMM_ATTENTION_MIN_ROWS,
 };
 use crate::linear::NamedLinear;
 use crate::{ModelError, Result};
@@ -144,6 +144,9 @@ struct Buffers {
     emb: Vec<f32>,
     head_in: Vec<f32>,
     int8_attention: Int8AttentionScratch,
+    /// RoPE `(cos, sin)` of the current forward's positions, and the `(pos0, rows)` they are for.
+    rope: Vec<f32>,
+    rope_for: Option<(usize, usize)>,
 }
 
 fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -685,8 +688,13 @@ impl Model {
         let mut alibi = None;
         match &cfg.positions {
             PositionEncoding::Rotary { inv_freq } => {
-                apply_rope(q, cfg.num_heads, hd, pos0, inv_freq);
-                apply_rope(k, cfg.num_kv_heads, hd, pos0, inv_freq);
+                // Every layer of one forward pass has the same positions: one table for all.
+                if b.rope_for != Some((pos0, t)) {
+                    rope_table(pos0, t, hd, inv_freq, &mut b.rope);
+                    b.rope_for = Some((pos0, t));
+                }
+                apply_rope_table(q, cfg.num_heads, hd, &b.rope);
+                apply_rope_table(k, cfg.num_kv_heads, hd, &b.rope);
             }
             PositionEncoding::Learned { .. } => {
                 // OPT scales the query projection (bias included) before attention.
