@@ -130,15 +130,6 @@ fn erf(x: f64) -> f64 {
     }
 }
 
-/// Rotate `x` (`[rows, heads * head_dim]`, row `t` at position `pos0 + t`) in place with
-/// Hugging Face's `rotate_half` convention: pairs `(i, i + head_dim/2)`.
-pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, pos0: usize, inv_freq: &[f32]) {
-    let rows = x.len() / (heads * head_dim).max(1);
-    let mut table = Vec::new();
-    rope_table(pos0, rows, head_dim, inv_freq, &mut table);
-    apply_rope_table(x, heads, head_dim, &table);
-}
-
 /// The `(cos, sin)` pairs of every position `pos0..pos0 + rows` and frequency (`[rows,
 /// head_dim / 2, 2]`) into `out`: computed once per forward pass and shared by every layer's
 /// queries and keys (`sin_cos` per layer was 1.3% of a W8A8 prefill).
@@ -157,7 +148,9 @@ pub fn rope_table(pos0: usize, rows: usize, head_dim: usize, inv_freq: &[f32], o
     }
 }
 
-/// [`apply_rope`] with the angles of [`rope_table`] (its `rows` must cover `x`'s rows).
+/// Rotate `x` (`[rows, heads * head_dim]`) in place with Hugging Face's `rotate_half`
+/// convention (pairs `(i, i + head_dim/2)`), row `t` by the angles of row `t` of `table` (from
+/// [`rope_table`], whose rows must cover `x`'s).
 pub fn apply_rope_table(x: &mut [f32], heads: usize, head_dim: usize, table: &[f32]) {
     let half = head_dim / 2;
     let width = heads * head_dim;
