@@ -112,6 +112,23 @@ impl From<SmoothTargets> for sq_smooth::SmoothTargets {
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SmoothFold {
+    /// Into the producing Linear's output rows
+    Rows,
+    /// A run-time divide fused into the activation quantizer
+    Runtime,
+}
+
+impl From<SmoothFold> for sq_smooth::BeyondFold {
+    fn from(f: SmoothFold) -> Self {
+        match f {
+            SmoothFold::Rows => sq_smooth::BeyondFold::Rows,
+            SmoothFold::Runtime => sq_smooth::BeyondFold::Runtime,
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
     /// smoothquant-rs' own layout (INT8 weights, scales and the recipe)
     Native,
@@ -171,6 +188,15 @@ pub struct QuantArgs {
     /// smooths only the Linears after a norm, exactly as the paper and the official code
     #[arg(long, value_enum, default_value_t = SmoothTargets::All)]
     pub smooth_targets: SmoothTargets,
+
+    /// Where `1/s` goes for the smoothed inputs that do not follow a norm (`--smooth-targets
+    /// all`): `rows` folds it into the producing Linear's output rows (value / up / fc1; free at
+    /// run time, and expressible in compressed-tensors), `runtime` divides at run time inside
+    /// the activation quantizer (the producer's weights stay as they were, which keeps
+    /// per-tensor weight scales intact). Default: rows; `--alpha auto` then also tries runtime
+    /// and keeps it only on significant evidence (not for compressed-tensors export)
+    #[arg(long, value_enum, value_name = "rows|runtime")]
+    pub smooth_fold: Option<SmoothFold>,
 
     #[command(flatten)]
     pub calib: CalibArgs,

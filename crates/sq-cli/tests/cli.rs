@@ -406,6 +406,89 @@ fn alpha_table_null_leaves_groups_unsmoothed() {
     assert_eq!(v["folds"].as_object().unwrap().len(), 18, "{v}");
 }
 
+/// `--smooth-fold runtime` divides the attention-output and last-MLP inputs at run time instead
+/// of folding `1/s` into the value / up rows: reported, written to the checkpoint, reloaded with
+/// the same perplexity as in memory, and refused by the compressed-tensors layout.
+#[test]
+fn smooth_fold_runtime_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = assets().join("calib.txt");
+    let eval = assets().join("eval.txt");
+    let out = dir.path().join("q");
+    let common = [
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "4",
+        "--calib-seq-len",
+        "64",
+        "--preset",
+        "o1",
+        "--smooth-fold",
+        "runtime",
+    ];
+    let mut args = vec!["quantize", "--out", out.to_str().unwrap(), "--json"];
+    args.extend(common);
+    let v = json(&run(&args));
+    assert_eq!(v["smooth_fold"], "runtime", "{v}");
+    assert_eq!(
+        v["folds"]["model.layers.2.mlp.down_proj"], "run time",
+        "{v}"
+    );
+    assert_eq!(v["folds"]["model.layers.0.self_attn.o_proj"], "run time");
+    assert_eq!(
+        v["folds"]["model.layers.0.self_attn.q_proj"],
+        "norm input_layernorm"
+    );
+    let window = [
+        "--data",
+        eval.to_str().unwrap(),
+        "--seq-len",
+        "128",
+        "--max-windows",
+        "2",
+        "--json",
+    ];
+    let mut args = vec!["eval", "--model", out.to_str().unwrap()];
+    args.extend(window);
+    let reloaded = json(&run(&args));
+    let mut args = vec!["eval", "--scheme", "smoothquant"];
+    args.extend(window);
+    args.extend(common);
+    let in_memory = json(&run(&args));
+    let row = &in_memory["results"][0];
+    assert_eq!(row["smooth_fold"], "runtime", "{in_memory}");
+    assert_eq!(
+        reloaded["results"][0]["smooth_fold"], "runtime",
+        "{reloaded}"
+    );
+    assert_eq!(
+        reloaded["results"][0]["perplexity"], row["perplexity"],
+        "{reloaded} vs {in_memory}"
+    );
+    // The default folds into rows, and changes the model's INT8 weights (so its perplexity).
+    let mut args = vec!["eval", "--scheme", "smoothquant"];
+    args.extend(window);
+    args.extend(&common[..common.len() - 2]);
+    let rows = json(&run(&args));
+    assert_eq!(rows["results"][0]["smooth_fold"], "rows", "{rows}");
+    assert_ne!(rows["results"][0]["perplexity"], row["perplexity"]);
+    // compressed-tensors cannot express the divide.
+    let ct = dir.path().join("ct");
+    let mut args = vec![
+        "quantize",
+        "--out",
+        ct.to_str().unwrap(),
+        "--format",
+        "compressed-tensors",
+    ];
+    args.extend(common);
+    let bad = run(&args);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("o_proj") || err.contains("down_proj"), "{err}");
+}
+
 #[test]
 fn quantize_reload_eval_generate() {
     let dir = tempfile::tempdir().unwrap();

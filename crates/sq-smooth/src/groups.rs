@@ -259,6 +259,46 @@ impl SmoothGroup {
             _ => None,
         }
     }
+    /// The same group with `1/s` applied at run time instead of folded into the producing
+    /// Linear's rows (norm folds are kept). The producer's weights then stay as they were: with
+    /// per-tensor weight scales, rows divided by large `s` lose precision in the producer's
+    /// quantization, and the channel's error grows by `s` again in this group's Linears.
+    pub fn divided_at_runtime(&self) -> SmoothGroup {
+        SmoothGroup {
+            fold: match self.fold {
+                Fold::Rows { .. } => Fold::Runtime,
+                ref other => other.clone(),
+            },
+            linears: self.linears.clone(),
+        }
+    }
+}
+
+/// Where `1/s` goes for the groups that do not follow a norm (`--smooth-fold`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BeyondFold {
+    /// Into the producing Linear's output rows where the architecture allows (free at run time,
+    /// and expressible in the compressed-tensors layout).
+    #[default]
+    Rows,
+    /// A run-time divide fused into the activation quantizer of the group's Linears.
+    Runtime,
+}
+
+impl BeyondFold {
+    pub fn name(self) -> &'static str {
+        match self {
+            BeyondFold::Rows => "rows",
+            BeyondFold::Runtime => "runtime",
+        }
+    }
+    /// `groups` with this fold applied to those that fold into a producer's rows.
+    pub fn apply(self, groups: &[SmoothGroup]) -> Vec<SmoothGroup> {
+        match self {
+            BeyondFold::Rows => groups.to_vec(),
+            BeyondFold::Runtime => groups.iter().map(SmoothGroup::divided_at_runtime).collect(),
+        }
+    }
 }
 
 /// Why a model's norms cannot absorb smoothing scales, if they cannot.

@@ -77,9 +77,9 @@ pub use compressed_tensors::{
 pub use export::{native_layer_tensors, save_native, ExportInfo, NativeStreamWriter};
 pub use fold::{group_scales, smooth_model, AlphaSpec, GroupResult};
 pub use groups::{
-    beyond_specs, paper_groups, paper_specs, smoothing_groups, Fold, GroupSpec, RowLayout,
-    SmoothGroup, SmoothTargets, SourceSpec, BLOOM_BEYOND, BLOOM_PAPER, LLAMA_BEYOND, LLAMA_PAPER,
-    OPT_BEYOND, OPT_PAPER,
+    beyond_specs, paper_groups, paper_specs, smoothing_groups, BeyondFold, Fold, GroupSpec,
+    RowLayout, SmoothGroup, SmoothTargets, SourceSpec, BLOOM_BEYOND, BLOOM_PAPER, LLAMA_BEYOND,
+    LLAMA_PAPER, OPT_BEYOND, OPT_PAPER,
 };
 pub use quantize::{
     fake_quantize_model, quantize_lm_head, quantize_model, quantize_model_with_progress, ActPolicy,

@@ -1,7 +1,7 @@
 //! `--alpha auto`: for each smoothing group, the migration strength that minimizes the
 //! quantized output error of the group's Linears on real calibration inputs.
 
-use crate::groups::{Fold, RowLayout, SmoothGroup};
+use crate::groups::{BeyondFold, Fold, RowLayout, SmoothGroup};
 use crate::AlphaSpec;
 use crate::{weight_absmax_per_input_channel, ActPolicy, Recipe, Result, SmoothError};
 use sq_calib::{InputSample, StatsTable};
@@ -186,7 +186,7 @@ pub struct AlphaRefinement {
 }
 
 /// Which kinds of groups a candidate smooths.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Subset {
     All,
     NormOnly,
@@ -255,7 +255,9 @@ fn significantly_better(candidate: &AlphaCandidate, current: &AlphaCandidate) ->
 /// 1. every global α of `global_grid` on all `groups` (the best one challenges the choice), then
 ///    the α 0.05 either side of the chosen one;
 /// 2. at the chosen global α, the groups that do not fold into a norm dropped in part or whole
-///    (when `groups` has any; the best subset challenges the choice);
+///    (when `groups` has any; the best subset challenges the choice), and with `try_runtime`
+///    the same subsets with those groups' `1/s` applied at run time instead of folded into the
+///    producing Linear's rows ([`BeyondFold::Runtime`]);
 /// 3. on the chosen subset, one α per kind of group (the groups that play the same role in
 ///    every layer, e.g. all `q_proj` groups): a coordinate search that moves one kind at a time
 ///    by ±0.05 and ±0.1 and keeps each move that wins;
@@ -273,6 +275,7 @@ pub fn refine_alphas(
     eval_tokens: &[u32],
     seq_len: usize,
     max_windows: usize,
+    try_runtime: bool,
     mut quantize: impl FnMut(&mut Model, &StatsTable) -> Result<()>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<AlphaRefinement> {
@@ -305,15 +308,22 @@ pub fn refine_alphas(
     } else {
         0
     };
-    let total = global_grid.len() + 2 + if has_beyond { 3 } else { 0 } + kind_moves + 2;
+    let try_runtime = try_runtime && groups.iter().any(|g| matches!(g.fold, Fold::Rows { .. }));
+    let subset_candidates = match (has_beyond, try_runtime) {
+        (false, _) => 0,
+        (true, false) => 3,
+        (true, true) => 6,
+    };
+    let total = global_grid.len() + 2 + subset_candidates + kind_moves + 2;
     let mut tried: Vec<AlphaCandidate> = Vec::with_capacity(total);
     let mut evaluate = |tried: &mut Vec<AlphaCandidate>,
                         label: String,
                         alphas: AlphaSpec,
-                        subset: Subset|
+                        (subset, fold): (Subset, BeyondFold)|
      -> Result<usize> {
         let _span = tracing::debug_span!("alpha_candidate", candidate = %label).entered();
-        let chosen: Vec<SmoothGroup> = groups.iter().filter(|g| subset.keeps(g)).cloned().collect();
+        let kept: Vec<SmoothGroup> = groups.iter().filter(|g| subset.keeps(g)).cloned().collect();
+        let chosen = fold.apply(&kept);
         let mut model = fp.try_clone()?;
         let mut st = stats.clone();
         crate::smooth_model(&mut model, &chosen, &mut st, &alphas)?;
@@ -370,7 +380,7 @@ pub fn refine_alphas(
             &mut tried,
             format!("global {a}"),
             AlphaSpec::Global(a),
-            Subset::All,
+            (Subset::All, BeyondFold::Rows),
         )?;
     }
     let mut current = challenge(&tried, start, lowest(&tried, 0))?;
@@ -380,21 +390,31 @@ pub fn refine_alphas(
         let a = (a * 100.0).round() / 100.0;
         if (0.0..=1.0).contains(&a) && !global_grid.iter().any(|g| (g - a).abs() < 1e-6) {
             let label = format!("global {a}");
-            let i = evaluate(&mut tried, label, AlphaSpec::Global(a), Subset::All)?;
+            let i = evaluate(
+                &mut tried,
+                label,
+                AlphaSpec::Global(a),
+                (Subset::All, BeyondFold::Rows),
+            )?;
             current = challenge(&tried, current, i)?;
         }
     }
     let best_global = global_alpha(&tried[current]);
-    let mut subset = Subset::All;
+    let mut subset = (Subset::All, BeyondFold::Rows);
     if has_beyond {
         let before = tried.len();
-        let subsets = [
-            Subset::NormOnly,
-            Subset::NormAndAttention,
-            Subset::NormAndMlp,
+        let mut subsets = vec![
+            (Subset::NormOnly, BeyondFold::Rows),
+            (Subset::NormAndAttention, BeyondFold::Rows),
+            (Subset::NormAndMlp, BeyondFold::Rows),
         ];
-        for s in subsets {
-            let label = format!("global {best_global}{}", s.label());
+        if try_runtime {
+            for s in [Subset::All, Subset::NormAndAttention, Subset::NormAndMlp] {
+                subsets.push((s, BeyondFold::Runtime));
+            }
+        }
+        for &s in &subsets {
+            let label = format!("global {best_global}{}", choice_label(s));
             evaluate(&mut tried, label, AlphaSpec::Global(best_global), s)?;
         }
         let b = challenge(&tried, current, lowest(&tried, before))?;
@@ -404,7 +424,7 @@ pub fn refine_alphas(
         }
     }
     // One α per kind of group, by coordinate search around the chosen global α.
-    let kept: Vec<&SmoothGroup> = groups.iter().filter(|g| subset.keeps(g)).collect();
+    let kept: Vec<&SmoothGroup> = groups.iter().filter(|g| subset.0.keeps(g)).collect();
     let mut kinds: Vec<String> = Vec::new();
     for g in &kept {
         let kind = group_kind(g.name());
@@ -432,7 +452,7 @@ pub fn refine_alphas(
                 }
                 let mut trial = kind_alpha.clone();
                 trial.insert(kind.clone(), a);
-                let label = format!("per-kind {}{}", kinds_label(&trial), subset.label());
+                let label = format!("per-kind {}{}", kinds_label(&trial), choice_label(subset));
                 let i = evaluate(&mut tried, label, by_kind(&trial), subset)?;
                 let next = challenge(&tried, current, i)?;
                 if next == i {
@@ -467,7 +487,7 @@ pub fn refine_alphas(
     };
     let i = evaluate(
         &mut tried,
-        format!("per-group{}", subset.label()),
+        format!("per-group{}", choice_label(subset)),
         per_group(None),
         subset,
     )?;
@@ -479,13 +499,31 @@ pub fn refine_alphas(
     };
     let i = evaluate(
         &mut tried,
-        format!("per-group within 0.1 of {center_label}{}", subset.label()),
+        format!(
+            "per-group within 0.1 of {center_label}{}",
+            choice_label(subset)
+        ),
         per_group(Some(0.1)),
         subset,
     )?;
     current = challenge(&tried, current, i)?;
     let chosen = tried[current].clone();
     Ok(AlphaRefinement { chosen, tried })
+}
+
+/// A candidate's label suffix: which groups it smooths and where their `1/s` goes.
+fn choice_label((subset, fold): (Subset, BeyondFold)) -> String {
+    match fold {
+        BeyondFold::Rows => subset.label().to_string(),
+        BeyondFold::Runtime => format!(
+            "{}, divided at run time",
+            if subset == Subset::All {
+                ", all groups"
+            } else {
+                subset.label()
+            }
+        ),
+    }
 }
 
 /// Moves tried for each kind's α in the per-kind stage of [`refine_alphas`].

@@ -6,8 +6,8 @@
 
 use crate::export::{native_layer_tensors, NativeStreamWriter};
 use crate::{
-    quantize_model, smooth_model, smoothing_groups, AlphaSpec, GroupResult, Recipe, Result,
-    SmoothError, SmoothTargets,
+    quantize_model, smooth_model, smoothing_groups, AlphaSpec, BeyondFold, GroupResult, Recipe,
+    Result, SmoothError, SmoothTargets,
 };
 use sq_calib::{StatsObserver, StatsTable};
 use sq_kernels::Int8Gemm;
@@ -23,8 +23,9 @@ pub struct LayerPlan<'a> {
     pub calibration: Option<(&'a [u32], Vec<Range<usize>>)>,
     /// Statistics computed before (`--act-scales`); calibration replaces each layer's entries.
     pub stats: Option<StatsTable>,
-    /// Smoothing (SmoothQuant) or none (naive W8A8).
-    pub smoothing: Option<(SmoothTargets, AlphaSpec)>,
+    /// Smoothing (SmoothQuant): which inputs, where `1/s` goes for those after no norm, and α;
+    /// or none (naive W8A8).
+    pub smoothing: Option<(SmoothTargets, BeyondFold, AlphaSpec)>,
     pub recipe: Recipe,
     /// Calibrate each layer on the outputs of the earlier layers as quantized (`--sequential`)
     /// rather than on the full-precision model's: each layer sees the inputs the quantized model
@@ -158,8 +159,8 @@ pub fn run_layers(
             let shell = &mut model.shell;
             shell.layers.push(block);
             let start = Instant::now();
-            if let Some((targets, alpha)) = &plan.smoothing {
-                let groups = smoothing_groups(shell, *targets)?;
+            if let Some((targets, fold, alpha)) = &plan.smoothing {
+                let groups = fold.apply(&smoothing_groups(shell, *targets)?);
                 smoothing.extend(smooth_model(shell, &groups, &mut stats, alpha)?);
             }
             timings.smooth += start.elapsed();

@@ -2,7 +2,9 @@
 
 use sq_calib::{calibrate, CalibConfig};
 use sq_model::{load_hf_dir, Logits, Model};
-use sq_smooth::{paper_groups, smooth_model, smoothing_groups, AlphaSpec, Fold, SmoothTargets};
+use sq_smooth::{
+    paper_groups, smooth_model, smoothing_groups, AlphaSpec, BeyondFold, Fold, SmoothTargets,
+};
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
@@ -178,6 +180,76 @@ fn smoothing_every_input_preserves_logits() {
                 }
             }
         }
+    }
+}
+
+/// `--smooth-fold runtime`: every group that would fold into a producer's rows divides at run
+/// time instead (norm folds stay), the producers' weights are untouched, and the logits stay
+/// the same.
+#[test]
+fn runtime_divides_preserve_logits_and_leave_producers_alone() {
+    for name in ["llama-gqa", "opt-prenorm", "opt-postnorm", "bloom"] {
+        let mut loaded = load_hf_dir(&fixture(name)).unwrap();
+        let mut ids = loaded.tokenizer.encode(TEXT).unwrap();
+        ids.truncate(96);
+        let before = logits(&loaded.model, &ids);
+        let mut stats = calib(&mut loaded.model, &ids);
+        let all = smoothing_groups(&loaded.model, SmoothTargets::All).unwrap();
+        let groups = BeyondFold::Runtime.apply(&all);
+        assert_eq!(groups.len(), all.len());
+        assert!(groups.iter().all(|g| !matches!(g.fold, Fold::Rows { .. })));
+        for (g, o) in groups.iter().zip(&all) {
+            assert_eq!(g.linears, o.linears);
+            if o.norm().is_some() {
+                assert_eq!(g, o, "{name}: norm folds are kept");
+            }
+        }
+        // The producers of the row folds keep their output rows: their weights equal those of
+        // the same model smoothed with the norm groups alone (which scale their input channels).
+        let producers: Vec<String> = all
+            .iter()
+            .filter_map(|g| match &g.fold {
+                Fold::Rows { linear, .. } => Some(linear.clone()),
+                _ => None,
+            })
+            .collect();
+        assert!(!producers.is_empty(), "{name}");
+        let mut norms_only = loaded.model.try_clone().unwrap();
+        let norm_groups: Vec<_> = all.iter().filter(|g| g.norm().is_some()).cloned().collect();
+        smooth_model(
+            &mut norms_only,
+            &norm_groups,
+            &mut stats.clone(),
+            &AlphaSpec::Global(0.5),
+        )
+        .unwrap();
+        smooth_model(
+            &mut loaded.model,
+            &groups,
+            &mut stats,
+            &AlphaSpec::Global(0.5),
+        )
+        .unwrap();
+        let weight = |m: &Model, l: &str| {
+            m.linears()
+                .into_iter()
+                .find(|x| x.name == l)
+                .unwrap()
+                .as_fp()
+                .unwrap()
+                .weight()
+        };
+        for l in &producers {
+            assert!(
+                weight(&loaded.model, l) == weight(&norms_only, l),
+                "{name}: {l} was changed by a run-time divide"
+            );
+        }
+        let e = rel_err(&logits(&loaded.model, &ids), &before);
+        assert!(
+            e < 1e-4,
+            "{name}: run-time divides changed the logits by {e}"
+        );
     }
 }
 

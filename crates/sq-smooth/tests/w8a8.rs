@@ -5,7 +5,7 @@ use sq_calib::{calibrate, CalibConfig, StatsTable};
 use sq_model::{load_hf_dir, LoadedModel, Logits, Model};
 use sq_smooth::{
     fake_quantize_model, paper_groups, quantize_model, smooth_model, smoothing_groups, AlphaSpec,
-    Recipe, SmoothTargets,
+    Fold, Recipe, SmoothTargets,
 };
 use std::path::PathBuf;
 
@@ -327,13 +327,32 @@ fn model_level_alpha_refinement_moves_only_on_evidence() {
         &ids,
         48,
         2,
+        true,
         quantize,
         |_, _| {},
     )
     .unwrap();
-    // 3 global + up to 2 refinements + 3 subsets + per-kind moves + 2 per-group.
-    assert!(r.tried.len() >= 8, "{:?}", r.tried.len());
+    // 3 global + up to 2 refinements + 6 subsets + per-kind moves + 2 per-group.
+    assert!(r.tried.len() >= 11, "{:?}", r.tried.len());
     assert!(r.tried.iter().any(|c| c.label.contains("norm groups only")));
+    // The run-time divide candidates smooth the same groups with `1/s` applied at run time.
+    let runtime: Vec<_> = r
+        .tried
+        .iter()
+        .filter(|c| c.label.contains("divided at run time"))
+        .collect();
+    assert_eq!(runtime.len(), 3);
+    for c in &runtime {
+        assert!(
+            c.groups.iter().any(|g| g.fold == Fold::Runtime),
+            "{}",
+            c.label
+        );
+        assert!(c
+            .groups
+            .iter()
+            .all(|g| !matches!(g.fold, Fold::Rows { .. })));
+    }
     assert!(r.tried.iter().any(|c| c.label.starts_with("per-kind")));
     // Per-kind candidates give every group of one kind the same alpha.
     for c in r.tried.iter().filter(|c| c.label.starts_with("per-kind")) {
@@ -349,7 +368,9 @@ fn model_level_alpha_refinement_moves_only_on_evidence() {
     for c in &r.tried {
         assert!(c.mean_nll().is_finite() && c.mean_kl().is_finite() && c.mean_kl() >= 0.0);
         assert_eq!(c.divergence.window_kl.len(), 2);
-        assert!(c.groups.iter().all(|g| groups.contains(g)));
+        assert!(c.groups.iter().all(|g| groups
+            .iter()
+            .any(|o| o == g || o.divided_at_runtime() == *g)));
     }
     // The choice is global 0.5 or reached from it by moves that each lower both the KL (by
     // SIGNIFICANCE standard errors) and the calibration NLL.
@@ -377,6 +398,7 @@ fn model_level_alpha_refinement_moves_only_on_evidence() {
         &ids,
         48,
         2,
+        true,
         |m: &mut Model, st: &StatsTable| {
             quantize_model(m, &recipe, Some(st), backend.clone()).map(|_| ())
         },

@@ -70,6 +70,10 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
         row.insert("model_bytes".into(), runner.weight_bytes().into());
         if *scheme == Scheme::SmoothQuant && loaded.quantization.is_none() {
             row.insert("smoothed_groups".into(), built.smoothing.len().into());
+            row.insert(
+                "smooth_fold".into(),
+                built.smooth_fold.map(|f| f.name()).into(),
+            );
             if super::pipeline::is_auto(&a.quant) {
                 // Groups auto left unsmoothed are `null`: the object replays as `--alpha FILE`.
                 let alphas: serde_json::Map<String, serde_json::Value> = built

@@ -77,6 +77,7 @@ fn quant_args(a: &InspectArgs) -> crate::args::QuantArgs {
         preset: None,
         alpha: a.alpha.clone(),
         smooth_targets: a.smooth_targets,
+        smooth_fold: None,
         calib: a.calib.clone(),
         act_scales: a.act_scales.clone(),
         int8_attention: false,

@@ -1,7 +1,7 @@
 //! From an FP model and the quantization options to a model running a scheme.
 
 use super::common::{bar, load_model, read_text, spinner, token_bar, Scheme};
-use crate::args::{ActGranularity, ModelArgs, Preset, QuantArgs, WeightGranularity};
+use crate::args::{ActGranularity, ModelArgs, Preset, QuantArgs, SmoothFold, WeightGranularity};
 use anyhow::{bail, Context, Result};
 use sq_calib::{calibrate, CalibConfig, StatsTable};
 use sq_model::LoadedModel;
@@ -190,14 +190,47 @@ fn calibrate_loaded(loaded: &mut LoadedModel, q: &QuantArgs, show: bool) -> Resu
 /// (docs/results.md); 16 also give the paired per-window test of `refine_alphas` its power.
 const AUTO_SCORE_WINDOWS: usize = 16;
 
+/// The smoothing groups of `--smooth-targets`, with `--smooth-fold` applied.
+pub fn groups_for(model: &sq_model::Model, q: &QuantArgs) -> Result<Vec<sq_smooth::SmoothGroup>> {
+    let groups = smoothing_groups(model, q.smooth_targets.into())?;
+    Ok(sq_smooth::BeyondFold::from(q.smooth_fold.unwrap_or(SmoothFold::Rows)).apply(&groups))
+}
+
+/// Where `1/s` went for the groups after no norm (none when `searched` has no such group):
+/// `runtime` when any of `used` divides at run time where its counterpart in `searched` folds
+/// into a producer's rows.
+pub fn fold_of(
+    searched: &[sq_smooth::SmoothGroup],
+    used: &[sq_smooth::SmoothGroup],
+    q: &QuantArgs,
+) -> Option<sq_smooth::BeyondFold> {
+    if searched.iter().all(|g| g.norm().is_some()) {
+        return None;
+    }
+    let divided = used.iter().any(|g| {
+        g.fold == sq_smooth::Fold::Runtime
+            && searched
+                .iter()
+                .any(|o| o.name() == g.name() && matches!(o.fold, sq_smooth::Fold::Rows { .. }))
+    });
+    Some(if divided {
+        sq_smooth::BeyondFold::Runtime
+    } else {
+        q.smooth_fold.map(Into::into).unwrap_or_default()
+    })
+}
+
 /// Resolve `--alpha auto`: sample each group's inputs on calibration windows of the FP model and
-/// search the α grid per group for the recipe's quantization.
+/// search the α grid per group for the recipe's quantization. With `runtime_allowed` and no
+/// `--smooth-fold`, the model-level stage also tries run-time divides for the groups that fold
+/// into a producer's rows; the returned groups carry the chosen folds.
 pub fn auto_alpha(
     loaded: &mut LoadedModel,
     groups: &[sq_smooth::SmoothGroup],
     stats: &StatsTable,
     recipe: &Recipe,
     q: &QuantArgs,
+    runtime_allowed: bool,
     show: bool,
 ) -> Result<(AlphaSpec, Vec<sq_smooth::SmoothGroup>)> {
     let data = q
@@ -256,6 +289,7 @@ pub fn auto_alpha(
         &tokens,
         seq_len,
         AUTO_SCORE_WINDOWS,
+        runtime_allowed && q.smooth_fold.is_none(),
         |m, st| quantize_model(m, recipe, Some(st), backend.clone()).map(|_| ()),
         |d, total| {
             pb.set_length(total as u64);
@@ -290,7 +324,7 @@ pub fn auto_alpha(
             .collect(),
         unsmoothed: groups
             .iter()
-            .filter(|g| !chosen.groups.contains(g))
+            .filter(|g| !chosen.groups.iter().any(|c| c.name() == g.name()))
             .map(|g| g.name().to_string())
             .collect(),
     };
@@ -303,6 +337,8 @@ pub struct Built {
     pub smoothing: Vec<GroupResult>,
     /// Smoothing groups left unsmoothed by the α table or `--alpha auto`.
     pub unsmoothed: Vec<String>,
+    /// Where `1/s` went for the groups after no norm (SmoothQuant built here).
+    pub smooth_fold: Option<sq_smooth::BeyondFold>,
 }
 
 /// Load the model and turn it into `scheme`.
@@ -334,6 +370,7 @@ pub fn build(
             loaded,
             smoothing,
             unsmoothed: Vec::new(),
+            smooth_fold: None,
         });
     }
     if scheme == Scheme::Fp32 {
@@ -341,19 +378,23 @@ pub fn build(
             loaded,
             smoothing,
             unsmoothed: Vec::new(),
+            smooth_fold: None,
         });
     }
     let stats = stats.context("quantized schemes need calibration statistics")?;
     super::common::check_stats_fit(&loaded.model, stats)?;
     let mut stats = stats.clone();
     let recipe = recipe(q);
+    let mut smooth_fold = None;
     if scheme == Scheme::SmoothQuant {
-        let groups = smoothing_groups(&loaded.model, q.smooth_targets.into())?;
+        let searched = smoothing_groups(&loaded.model, q.smooth_targets.into())?;
+        let groups = groups_for(&loaded.model, q)?;
         let (spec, groups) = if is_auto(q) {
-            auto_alpha(&mut loaded, &groups, &stats, &recipe, q, show)?
+            auto_alpha(&mut loaded, &groups, &stats, &recipe, q, true, show)?
         } else {
             (alpha(q)?, groups)
         };
+        smooth_fold = fold_of(&searched, &groups, q);
         let _span = tracing::info_span!("smooth", groups = groups.len()).entered();
         smoothing = smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?;
         unsmoothed = spec.unsmoothed().into_iter().map(str::to_string).collect();
@@ -383,6 +424,7 @@ pub fn build(
         loaded,
         smoothing,
         unsmoothed,
+        smooth_fold,
     })
 }
 
@@ -409,6 +451,9 @@ pub fn scheme_fields_for(
         );
         if let Some(a) = qc.extra.get("alphas") {
             m.insert("alphas".into(), a.clone());
+        }
+        if let Some(f) = qc.extra.get("smooth_fold") {
+            m.insert("smooth_fold".into(), f.clone());
         }
         m.insert(
             "lm_head".into(),

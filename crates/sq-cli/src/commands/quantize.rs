@@ -92,7 +92,13 @@ fn stream_layers(
     let plan = LayerPlan {
         calibration,
         stats: given,
-        smoothing: alpha_spec.map(|s| (a.quant.smooth_targets.into(), s.clone())),
+        smoothing: alpha_spec.map(|s| {
+            (
+                a.quant.smooth_targets.into(),
+                a.quant.smooth_fold.map(Into::into).unwrap_or_default(),
+                s.clone(),
+            )
+        }),
         recipe: *recipe,
         sequential: a.sequential,
         backend: Some(backend),
@@ -173,6 +179,12 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let recipe = recipe(&a.quant);
     let targets = sq_smooth::SmoothTargets::from(a.quant.smooth_targets);
     let stream = should_stream(&a.model, a.stream || a.sequential, show)?;
+    let mut smooth_fold = match (&alpha_spec, targets) {
+        (Some(_), sq_smooth::SmoothTargets::All) => {
+            Some(a.quant.smooth_fold.map(Into::into).unwrap_or_default())
+        }
+        _ => None,
+    };
     let (output, results, spec) = if stream {
         let streamed = stream_layers(&a, scheme, alpha_spec.as_ref(), &recipe, show)?;
         let spec = alpha_spec.clone();
@@ -189,12 +201,27 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         let mut results = None;
         let mut used_spec = alpha_spec.clone();
         if let Some(spec) = &alpha_spec {
-            let groups = smoothing_groups(&loaded.model, a.quant.smooth_targets.into())?;
+            let groups = super::pipeline::groups_for(&loaded.model, &a.quant)?;
             let (spec, groups) = if super::pipeline::is_auto(&a.quant) {
-                super::pipeline::auto_alpha(&mut loaded, &groups, &stats, &recipe, &a.quant, show)?
+                // compressed-tensors has no field for a run-time divide: auto keeps the folds.
+                let runtime_allowed = a.format == ExportFormat::Native;
+                super::pipeline::auto_alpha(
+                    &mut loaded,
+                    &groups,
+                    &stats,
+                    &recipe,
+                    &a.quant,
+                    runtime_allowed,
+                    show,
+                )?
             } else {
                 (spec.clone(), groups)
             };
+            smooth_fold = super::pipeline::fold_of(
+                &smoothing_groups(&loaded.model, targets)?,
+                &groups,
+                &a.quant,
+            );
             results = Some(smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?);
             used_spec = Some(spec);
         }
@@ -238,6 +265,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         record.insert("alphas".into(), alphas.clone().into());
         record.insert("smooth_targets".into(), targets.name().into());
         record.insert("folds".into(), folds.clone().into());
+        record.insert("smooth_fold".into(), smooth_fold.map(|f| f.name()).into());
     }
     record.insert(
         "calibration".into(),
@@ -383,6 +411,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             "alphas": alphas,
             "smooth_targets": alpha_spec.as_ref().map(|_| targets.name()),
             "folds": folds,
+            "smooth_fold": smooth_fold.map(|f| f.name()),
             "checkpoint_bytes": bytes,
             "int8_attention": a.quant.int8_attention,
             "stream": streamed_report,
