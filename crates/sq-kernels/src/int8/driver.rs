@@ -126,8 +126,11 @@ pub(crate) struct TileAt {
     /// read unless `g_lo == 0`, written unless the block is the last. Null when k is one block.
     pub partial: *mut i32,
     pub ld_partial: usize,
-    /// Lines ahead to prefetch in each panel (0: none).
+    /// Lines ahead to prefetch in each panel (0: none): at group `g`, line
+    /// `g + prefetch` of each panel, or with `prefetch_rate == 2`, line `g / 2 + prefetch` at
+    /// even `g` (half the lines, at half the rate).
     pub prefetch: usize,
+    pub prefetch_rate: usize,
 }
 
 impl TileAt {
@@ -240,6 +243,25 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
         K::KC_GROUPS
     };
     let prefetch = if streaming { K::PREFETCH_LINES } else { 0 };
+    // Streaming with two full-ish row tiles: the second re-reads the panels from L2, and a
+    // tile computes faster than its panels arrive from DRAM. So both tiles prefetch the *next*
+    // panels (NV panels on), each half of their lines at half rate, and the next panels stream
+    // in during both tiles' arithmetic instead of stalling the first tile. The first panels of a
+    // task, and a short second tile (it would end before its half arrives), keep the plain
+    // prefetch ahead in their own panels.
+    let two_tiles = streaming && prefetch != 0 && m - m.min(K::MR) > K::MR / 2;
+    let next_panels = K::NV * ctx.groups;
+    let prefetch_plan = |row_offset: usize, after_first: bool| -> (usize, usize) {
+        match (two_tiles, row_offset == 0) {
+            (false, _) => (prefetch, 1),
+            (true, true) if !after_first => (prefetch, 1),
+            (true, true) => (next_panels, 2),
+            // The task's first panels: the first tile prefetched its own, so the second
+            // fetches all of the next.
+            (true, false) if !after_first => (next_panels, 1),
+            (true, false) => (next_panels + ctx.groups.div_ceil(2), 2),
+        }
+    };
     let k_blocks = ctx.groups.div_ceil(kc).max(1);
     let ld_partial = np * PANEL_COLS;
 
@@ -252,6 +274,7 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
                 let mut i = i_lo;
                 while i < i_hi {
                     let rows = K::MR.min(i_hi - i);
+                    let (pf, pf_rate) = prefetch_plan(i - i_lo, p > p_lo);
                     let at = TileAt {
                         i0: i,
                         p0: p,
@@ -266,7 +289,8 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
                             }
                         },
                         ld_partial,
-                        prefetch,
+                        prefetch: pf,
+                        prefetch_rate: pf_rate,
                     };
                     // SAFETY: rows and panels are inside the validated problem.
                     unsafe { kern.tile(ctx, &at, rows, pn) };

@@ -80,11 +80,13 @@ unsafe fn tile_512<const R: usize, const V: usize>(ctx: &TileCtx, at: &TileAt) {
     let stride = ctx.groups;
     let b0 = ctx.panels.add(p0 * stride);
     let a0 = ctx.a.add(i0 * ctx.lda);
-    let pf = at.prefetch;
+    let (pf, pf_rate) = (at.prefetch, at.prefetch_rate.max(1));
     for g in at.full_groups(ctx) {
-        if pf != 0 {
+        if pf != 0 && g % pf_rate == 0 {
             for v in 0..V {
-                _mm_prefetch::<_MM_HINT_T0>(b0.add(v * stride + g + pf) as *const i8);
+                // May point past the panels (prefetches never fault): wrapping, not `add`.
+                let line = v * stride + g / pf_rate + pf;
+                _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(line) as *const i8);
             }
         }
         let mut b = [_mm512_setzero_si512(); V];
