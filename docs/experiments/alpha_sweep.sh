@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The SmolLM2 alpha sweep of docs/results.md ("the full table with alpha sweeps"): fp32, naive,
-# SmoothQuant at alpha 0.3..0.9 and auto, paper and all targets, weights channel/acts token and
-# O1-O3. One JSON line per run in $OUT/results.jsonl; runs already there are skipped, so it resumes.
+# SmoothQuant at alpha 0.3..0.9 and auto, paper and all targets (all also at alpha 0.5 with
+# --smooth-fold runtime), weights channel/acts token and O1-O3. One JSON line per run in $OUT/results.jsonl; runs already there are skipped, so it resumes.
 # Usage: docs/experiments/alpha_sweep.sh [OUT_DIR]  (needs ../shared and a release build)
 # Table: python3 docs/experiments/alpha_table.py OUT_DIR/results.jsonl
 set -u
@@ -41,6 +41,7 @@ done
 # all targets (the default): 0.5 and auto, then the sweep
 for row in ct o1 o2 o3; do
   run all-$row-0.5 --scheme smoothquant --smooth-targets all --alpha 0.5 $(preset_args $row)
+  run all-$row-0.5-runtime --scheme smoothquant --smooth-targets all --alpha 0.5 --smooth-fold runtime $(preset_args $row)
 done
 for row in o3 o2 ct o1; do
   run all-$row-auto --scheme smoothquant --smooth-targets all --alpha auto --calib-data $VALID $(preset_args $row)
