@@ -46,7 +46,7 @@ fn silu_loop(xs: &mut [f32]) {
 const LANES: usize = 16;
 
 #[inline(always)]
-fn softmax_loop(row: &mut [f32]) {
+fn exp_sum_loop(row: &mut [f32]) -> f32 {
     let mut lane_max = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
@@ -60,18 +60,26 @@ fn softmax_loop(row: &mut [f32]) {
         .chain(&lane_max)
         .copied()
         .fold(f32::NEG_INFINITY, f32::max);
-    for s in row.iter_mut() {
-        *s = exp(*s - max);
-    }
+    // One pass writes each exponential and adds it to its lane's sum.
     let mut lane_sum = [0.0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
+    let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
-        for (a, &v) in lane_sum.iter_mut().zip(c) {
-            *a += v;
+        for (a, v) in lane_sum.iter_mut().zip(c) {
+            *v = exp(*v - max);
+            *a += *v;
         }
     }
-    let sum: f32 = lane_sum.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-    let inv = 1.0 / sum;
+    let mut rest = 0.0f32;
+    for v in chunks.into_remainder() {
+        *v = exp(*v - max);
+        rest += *v;
+    }
+    lane_sum.iter().sum::<f32>() + rest
+}
+
+#[inline(always)]
+fn softmax_loop(row: &mut [f32]) {
+    let inv = 1.0 / exp_sum_loop(row);
     for s in row.iter_mut() {
         *s *= inv;
     }
@@ -88,6 +96,12 @@ unsafe fn silu_avx512(xs: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 unsafe fn softmax_avx512(row: &mut [f32]) {
     softmax_loop(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_sum_avx512(row: &mut [f32]) -> f32 {
+    exp_sum_loop(row)
 }
 
 /// SiLU `x / (1 + e^-x)` on every element.
@@ -108,6 +122,18 @@ pub fn softmax_inplace(row: &mut [f32]) {
         return unsafe { softmax_avx512(row) };
     }
     softmax_loop(row)
+}
+
+/// Softmax of `row` in place without the final division: each element becomes `e^(x - max)`,
+/// and their sum is returned (attention divides P·V's output rows instead, `head_dim` values a
+/// row rather than one per key). [`softmax_inplace`] is this, then a multiply by `1 / sum`.
+pub fn exp_sum_inplace(row: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { exp_sum_avx512(row) };
+    }
+    exp_sum_loop(row)
 }
 
 #[cfg(test)]
@@ -141,6 +167,28 @@ mod tests {
             assert!((a - b).abs() <= 1e-6 * b.max(1e-3), "{a} vs {b}");
         }
         assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn exp_sum_is_softmax_before_its_division() {
+        for len in [1, 15, 16, 17, 53] {
+            let row: Vec<f32> = (0..len).map(|i| (i as f32 * 0.61).cos() * 7.0).collect();
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let want_sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            let mut e = row.clone();
+            let sum = exp_sum_inplace(&mut e);
+            assert!((sum as f64 - want_sum).abs() <= 1e-6 * want_sum, "{sum} vs {want_sum}");
+            for (a, &v) in e.iter().zip(&row) {
+                let b = ((v - max) as f64).exp();
+                assert!((*a as f64 - b).abs() <= 1e-6 * b.max(1e-3), "{a} vs {b}");
+            }
+            // softmax_inplace is exactly these exponentials times 1 / sum.
+            let mut p = row.clone();
+            softmax_inplace(&mut p);
+            for (a, b) in p.iter().zip(&e) {
+                assert_eq!(*a, b * (1.0 / sum));
+            }
+        }
     }
 
     #[test]

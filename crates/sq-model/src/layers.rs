@@ -399,9 +399,33 @@ pub const GEMM_ATTENTION_MIN_ROWS: usize = 16;
 /// Query rows per block of [`attention_gemm`]'s causal loop.
 const CAUSAL_BLOCK: usize = 64;
 
+/// One worker's scratch of [`attention_gemm`], kept between calls so a prefill allocates (and
+/// page-faults) nothing per layer: a KV head's packed K and V, reused by the query heads of its
+/// group that run on this worker in the same call, and one causal block's scores.
+#[derive(Default)]
+struct GemmAttentionScratch {
+    keys: sq_kernels::PackedB,
+    values: sq_kernels::PackedB,
+    /// `(call, kv head)` whose K and V are packed above.
+    packed_for: Option<(u64, usize)>,
+    scores: Vec<f32>,
+    inv_sums: Vec<f32>,
+}
+
+thread_local! {
+    static GEMM_ATTENTION: RefCell<GemmAttentionScratch> = RefCell::new(GemmAttentionScratch::default());
+    // The calling thread's `[heads, rows, head_dim]` output of [`attention_gemm`].
+    static HEAD_MAJOR: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Numbers [`attention_gemm`] calls, so a worker's packed K and V are never taken for another
+/// call's (another layer's keys can sit at the same address).
+static GEMM_ATTENTION_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Causal attention for a prefill chunk on the f32 GEMM: per head, `S = scale · Q Kᵀ` and
 /// `O = softmax(S) V` as two strided GEMMs (heads in parallel), with the same masking, ALiBi and
-/// sliding window as [`attention`]. Scratch is per call (prefill, not per decoded token).
+/// sliding window as [`attention`]. The softmax leaves its division to `O`'s rows (`head_dim`
+/// values each instead of one per key). Scratch is per worker and kept between calls.
 pub fn attention_gemm(
     q: &[f32],
     keys: &[f32],
@@ -410,7 +434,38 @@ pub fn attention_gemm(
     alibi: Option<&[f32]>,
     out: &mut [f32],
 ) -> crate::Result<()> {
-    use sq_kernels::{sgemm_packed_serial, MatMut, MatRef, PackedB, Transpose};
+    let t = q.len() / (shape.heads * shape.head_dim).max(1);
+    let len = shape.heads * t * shape.head_dim;
+    let mut head_major = HEAD_MAJOR.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    if head_major.len() < len {
+        head_major.resize(len, 0.0);
+    }
+    let result = attention_gemm_heads(q, keys, values, shape, alibi, &mut head_major[..len]);
+    if result.is_ok() {
+        let (heads, head_dim) = (shape.heads, shape.head_dim);
+        for (h, o) in head_major[..len].chunks_exact(t * head_dim).enumerate() {
+            for (row, src) in out
+                .chunks_exact_mut(heads * head_dim)
+                .zip(o.chunks_exact(head_dim))
+            {
+                row[h * head_dim..(h + 1) * head_dim].copy_from_slice(src);
+            }
+        }
+    }
+    HEAD_MAJOR.with(|b| *b.borrow_mut() = head_major);
+    result
+}
+
+/// [`attention_gemm`] into `head_major` (`[heads, rows, head_dim]`).
+fn attention_gemm_heads(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: &AttentionShape,
+    alibi: Option<&[f32]>,
+    head_major: &mut [f32],
+) -> crate::Result<()> {
+    use sq_kernels::{sgemm_packed_serial, MatMut, MatRef, Transpose};
     let AttentionShape {
         heads,
         kv_heads,
@@ -424,17 +479,16 @@ pub fn attention_gemm(
     let group = heads / kv_heads;
     let t = q.len() / q_width;
     let n_keys = pos0 + t;
-    let head_outputs: Vec<crate::Result<Vec<f32>>> = (0..heads)
-        .into_par_iter()
-        .map(|h| {
-            let kvh = h / group;
-            // K and V of the head packed once for every causal block (a block reads a prefix of
-            // K's panels and a window of V's rows).
-            let mut kp = PackedB::new();
-            let mut vp = PackedB::new();
+    let call = GEMM_ATTENTION_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let head = |h: usize, o: &mut [f32], s: &mut GemmAttentionScratch| -> crate::Result<()> {
+        let kvh = h / group;
+        // K and V of the head packed once for every causal block (a block reads a prefix of
+        // K's panels and a window of V's rows), and for the next heads of its group.
+        if s.packed_for != Some((call, kvh)) {
+            s.packed_for = None;
             for (packed, data, op) in [
-                (&mut kp, keys, Transpose::Yes),
-                (&mut vp, values, Transpose::No),
+                (&mut s.keys, keys, Transpose::Yes),
+                (&mut s.values, values, Transpose::No),
             ] {
                 let head = MatRef {
                     data: &data[kvh * head_dim..],
@@ -444,64 +498,79 @@ pub fn attention_gemm(
                 };
                 packed.pack(head, op)?;
             }
-            // Causal: a block of query rows needs only the keys up to its last position, so
-            // the masked upper triangle is never computed (half the work of a fresh prompt).
-            let mut scores = vec![0.0f32; CAUSAL_BLOCK.min(t) * n_keys];
-            let mut o = vec![0.0f32; t * head_dim];
-            for r0 in (0..t).step_by(CAUSAL_BLOCK) {
-                let r1 = (r0 + CAUSAL_BLOCK).min(t);
-                let rows = r1 - r0;
-                // First key of the block, at a panel edge of the packed K (a sliding window's
-                // earlier keys are masked below like the causal ones).
-                let k0 = sliding_window.map_or(0, |w| (pos0 + r0 + 1).saturating_sub(w));
-                let k0 = k0 - k0 % 16;
-                let k1 = pos0 + r1;
-                let nk = k1 - k0;
-                let block = &mut scores[..rows * nk];
-                let qv = MatRef {
-                    data: &q[r0 * q_width + h * head_dim..],
-                    rows,
-                    cols: head_dim,
-                    row_stride: q_width,
-                };
-                sgemm_packed_serial(scale, qv, &kp, 0, k0, 0.0, MatMut::new(block, rows, nk))?;
-                for (i, row) in block.chunks_exact_mut(nk).enumerate() {
-                    let pos = pos0 + r0 + i;
-                    let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    if let Some(slopes) = alibi {
-                        for (j, s) in row
-                            .iter_mut()
-                            .enumerate()
-                            .take(pos + 1 - k0)
-                            .skip(first - k0)
-                        {
-                            *s += slopes[h] * (k0 + j) as f32;
-                        }
-                    }
-                    sq_kernels::math::softmax_inplace(&mut row[first - k0..=pos - k0]);
-                    row[..first - k0].fill(0.0);
-                    row[pos + 1 - k0..].fill(0.0);
-                }
-                sgemm_packed_serial(
-                    1.0,
-                    MatRef::new(block, rows, nk),
-                    &vp,
-                    k0,
-                    0,
-                    0.0,
-                    MatMut::new(&mut o[r0 * head_dim..r1 * head_dim], rows, head_dim),
-                )?;
-            }
-            Ok(o)
-        })
-        .collect();
-    for (h, o) in head_outputs.into_iter().enumerate() {
-        let o = o?;
-        for (row, src) in out.chunks_exact_mut(q_width).zip(o.chunks_exact(head_dim)) {
-            row[h * head_dim..(h + 1) * head_dim].copy_from_slice(src);
+            s.packed_for = Some((call, kvh));
         }
-    }
-    Ok(())
+        let block_len = CAUSAL_BLOCK.min(t) * n_keys;
+        if s.scores.len() < block_len {
+            s.scores.resize(block_len, 0.0);
+        }
+        if s.inv_sums.len() < CAUSAL_BLOCK {
+            s.inv_sums.resize(CAUSAL_BLOCK, 0.0);
+        }
+        // Causal: a block of query rows needs only the keys up to its last position, so
+        // the masked upper triangle is never computed (half the work of a fresh prompt).
+        for r0 in (0..t).step_by(CAUSAL_BLOCK) {
+            let r1 = (r0 + CAUSAL_BLOCK).min(t);
+            let rows = r1 - r0;
+            // First key of the block, at a panel edge of the packed K (a sliding window's
+            // earlier keys are masked below like the causal ones).
+            let k0 = sliding_window.map_or(0, |w| (pos0 + r0 + 1).saturating_sub(w));
+            let k0 = k0 - k0 % 16;
+            let k1 = pos0 + r1;
+            let nk = k1 - k0;
+            let block = &mut s.scores[..rows * nk];
+            let qv = MatRef {
+                data: &q[r0 * q_width + h * head_dim..],
+                rows,
+                cols: head_dim,
+                row_stride: q_width,
+            };
+            sgemm_packed_serial(scale, qv, &s.keys, 0, k0, 0.0, MatMut::new(block, rows, nk))?;
+            for ((i, row), inv) in block
+                .chunks_exact_mut(nk)
+                .enumerate()
+                .zip(s.inv_sums.iter_mut())
+            {
+                let pos = pos0 + r0 + i;
+                let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                if let Some(slopes) = alibi {
+                    for (j, s) in row
+                        .iter_mut()
+                        .enumerate()
+                        .take(pos + 1 - k0)
+                        .skip(first - k0)
+                    {
+                        *s += slopes[h] * (k0 + j) as f32;
+                    }
+                }
+                *inv = 1.0 / sq_kernels::math::exp_sum_inplace(&mut row[first - k0..=pos - k0]);
+                row[..first - k0].fill(0.0);
+                row[pos + 1 - k0..].fill(0.0);
+            }
+            let o_block = &mut o[r0 * head_dim..r1 * head_dim];
+            sgemm_packed_serial(
+                1.0,
+                MatRef::new(block, rows, nk),
+                &s.values,
+                k0,
+                0,
+                0.0,
+                MatMut::new(o_block, rows, head_dim),
+            )?;
+            for (o_row, &inv) in o_block.chunks_exact_mut(head_dim).zip(&s.inv_sums) {
+                for x in o_row {
+                    *x *= inv;
+                }
+            }
+        }
+        Ok(())
+    };
+    head_major
+        .par_chunks_mut(t * head_dim)
+        .enumerate()
+        .try_for_each(|(h, o)| {
+            GEMM_ATTENTION.with(|s| head(h, o, &mut s.borrow_mut()))
+        })
 }
 
 #[cfg(test)]
