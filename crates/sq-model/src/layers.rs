@@ -85,27 +85,28 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 
 /// Apply an activation in place (for gated MLPs `x` is the gate).
 pub fn activate(act: Activation, x: &mut [f32]) {
+    x.par_chunks_mut(4096).for_each(|c| activate_serial(act, c));
+}
+
+/// [`activate`] on the calling thread (the same values, element by element).
+pub fn activate_serial(act: Activation, x: &mut [f32]) {
     if act == Activation::Silu {
-        x.par_chunks_mut(4096)
-            .for_each(sq_kernels::math::silu_inplace);
-        return;
+        return sq_kernels::math::silu_inplace(x);
     }
-    x.par_chunks_mut(4096).for_each(|c| {
-        for v in c {
-            *v = match act {
-                Activation::Silu => *v / (1.0 + (-*v).exp()),
-                Activation::Relu => v.max(0.0),
-                Activation::GeluTanh => {
-                    let x = *v;
-                    0.5 * x * (1.0 + (0.797_884_6 * x * (1.0 + 0.044715 * x * x)).tanh())
-                }
-                Activation::Gelu => {
-                    let x = *v as f64;
-                    (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32
-                }
+    for v in x {
+        *v = match act {
+            Activation::Silu => *v / (1.0 + (-*v).exp()),
+            Activation::Relu => v.max(0.0),
+            Activation::GeluTanh => {
+                let x = *v;
+                0.5 * x * (1.0 + (0.797_884_6 * x * (1.0 + 0.044715 * x * x)).tanh())
+            }
+            Activation::Gelu => {
+                let x = *v as f64;
+                (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32
             }
         }
-    });
+    }
 }
 
 /// erf with < 1.2e-7 absolute error (Numerical Recipes' erfc Chebyshev fit).
@@ -130,43 +131,48 @@ fn erf(x: f64) -> f64 {
     }
 }
 
-/// The `(cos, sin)` pairs of every position `pos0..pos0 + rows` and frequency (`[rows,
-/// head_dim / 2, 2]`) into `out`: computed once per forward pass and shared by every layer's
-/// queries and keys (`sin_cos` per layer was 1.3% of a W8A8 prefill).
+/// The cosines and sines of every position `pos0..pos0 + rows` and frequency (`[rows, 2,
+/// head_dim / 2]`: a row's cosines, then its sines) into `out`: computed once per forward pass
+/// and shared by every layer's queries and keys (`sin_cos` per layer was 1.3% of a W8A8
+/// prefill).
 pub fn rope_table(pos0: usize, rows: usize, head_dim: usize, inv_freq: &[f32], out: &mut Vec<f32>) {
     let half = head_dim / 2;
     out.clear();
-    out.reserve(rows * half * 2);
-    for t in 0..rows {
+    out.resize(rows * half * 2, 0.0);
+    for (t, row) in out.chunks_exact_mut(2 * half).enumerate() {
         let pos = (pos0 + t) as f32;
-        for &f in inv_freq.iter().take(half) {
+        let (cos, sin) = row.split_at_mut(half);
+        for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
             // Same f32 product as PyTorch (`inv_freq @ position`), then cos/sin.
-            let (sin, cos) = (pos * f).sin_cos();
-            out.push(cos);
-            out.push(sin);
+            (*s, *c) = (pos * f).sin_cos();
         }
     }
 }
 
 /// Rotate `x` (`[rows, heads * head_dim]`) in place with Hugging Face's `rotate_half`
 /// convention (pairs `(i, i + head_dim/2)`), row `t` by the angles of row `t` of `table` (from
-/// [`rope_table`], whose rows must cover `x`'s).
+/// [`rope_table`], whose rows must cover `x`'s). Cosines and sines lie apart in the table, so
+/// the loop over a head's pairs vectorizes.
 pub fn apply_rope_table(x: &mut [f32], heads: usize, head_dim: usize, table: &[f32]) {
     let half = head_dim / 2;
     let width = heads * head_dim;
-    x.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
-        let angles = &table[t * half * 2..(t + 1) * half * 2];
-        for (i, cs) in angles.chunks_exact(2).enumerate() {
-            let (cos, sin) = (cs[0], cs[1]);
-            for h in 0..heads {
-                let base = h * head_dim;
-                let a = row[base + i];
-                let b = row[base + i + half];
-                row[base + i] = a * cos - b * sin;
-                row[base + i + half] = b * cos + a * sin;
+    if half == 0 {
+        return;
+    }
+    x.par_chunks_mut(width)
+        .zip(table.par_chunks(2 * half))
+        .with_min_len(16)
+        .for_each(|(row, angles)| {
+            let (cos, sin) = angles.split_at(half);
+            for head in row.chunks_exact_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for (((a, b), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(cos).zip(sin) {
+                    let (x0, x1) = (*a, *b);
+                    *a = x0 * c - x1 * s;
+                    *b = x1 * c + x0 * s;
+                }
             }
-        }
-    });
+        });
 }
 
 /// Keys and values of every layer, preallocated for `capacity` positions so decoding never
@@ -568,9 +574,7 @@ fn attention_gemm_heads(
     head_major
         .par_chunks_mut(t * head_dim)
         .enumerate()
-        .try_for_each(|(h, o)| {
-            GEMM_ATTENTION.with(|s| head(h, o, &mut s.borrow_mut()))
-        })
+        .try_for_each(|(h, o)| GEMM_ATTENTION.with(|s| head(h, o, &mut s.borrow_mut())))
 }
 
 #[cfg(test)]
@@ -645,6 +649,39 @@ mod tests {
                     assert!(
                         (got - want).abs() < 1e-5,
                         "head {h} dim {i}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The table and the vectorized rotation against the rotate_half definition, pair by pair
+    /// (the same f32 operations, so exactly).
+    #[test]
+    fn rope_table_rotation_matches_the_definition() {
+        let (heads, hd, rows, pos0) = (3, 10, 7, 4);
+        let half = hd / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
+            .collect();
+        let x: Vec<f32> = (0..rows * heads * hd)
+            .map(|i| ((i * 2654435761) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        let mut table = Vec::new();
+        rope_table(pos0, rows, hd, &inv_freq, &mut table);
+        let mut got = x.clone();
+        apply_rope_table(&mut got, heads, hd, &table);
+        for t in 0..rows {
+            for h in 0..heads {
+                for (i, &f) in inv_freq.iter().enumerate() {
+                    let (sin, cos) = ((pos0 + t) as f32 * f).sin_cos();
+                    let at = t * heads * hd + h * hd + i;
+                    let (a, b) = (x[at], x[at + half]);
+                    assert_eq!(got[at], a * cos - b * sin, "row {t} head {h} pair {i}");
+                    assert_eq!(
+                        got[at + half],
+                        b * cos + a * sin,
+                        "row {t} head {h} pair {i}"
                     );
                 }
             }

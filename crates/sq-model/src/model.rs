@@ -815,12 +815,8 @@ impl Model {
                 } else {
                     crate::quant::forward_same_input(&[gate, up], hidden, t, outs)?;
                 }
-                activate(cfg.activation, a);
-                for (x, y) in a.iter_mut().zip(u.iter()) {
-                    *x *= y;
-                }
                 let proj = grow(&mut b.proj, t * h);
-                down.forward(a, t, proj)?;
+                crate::quant::forward_gated(cfg.activation, down, a, u, t, proj)?;
             }
             Mlp::Plain { fc1, fc2 } => {
                 let inter = fc1.linear.out_features();
