@@ -54,19 +54,19 @@ const LANES: usize = 16;
 
 #[inline(always)]
 fn exp_sum_loop(row: &mut [f32]) -> f32 {
+    // `if v > m` rather than `f32::max`: one vmaxps a chunk instead of a NaN-handling blend
+    // chain (a NaN is skipped either way and turns the row to NaN in the exp pass).
     let mut lane_max = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
         for (m, &v) in lane_max.iter_mut().zip(c) {
-            *m = m.max(v);
+            *m = if v > *m { v } else { *m };
         }
     }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lane_max)
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
+    for (m, &v) in lane_max.iter_mut().zip(chunks.remainder()) {
+        *m = if v > *m { v } else { *m };
+    }
+    let max = lane_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     // One pass writes each exponential and adds it to its lane's sum.
     let mut lane_sum = [0.0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
@@ -76,10 +76,19 @@ fn exp_sum_loop(row: &mut [f32]) -> f32 {
             *a += *v;
         }
     }
+    // The tail (attention rows end anywhere) as one padded vector, not a scalar exp each.
+    let tail = chunks.into_remainder();
     let mut rest = 0.0f32;
-    for v in chunks.into_remainder() {
-        *v = exp(*v - max);
-        rest += *v;
+    if !tail.is_empty() {
+        let mut pad = [max; LANES];
+        pad[..tail.len()].copy_from_slice(tail);
+        for v in pad.iter_mut() {
+            *v = exp(*v - max);
+        }
+        for (v, &e) in tail.iter_mut().zip(&pad) {
+            *v = e;
+            rest += e;
+        }
     }
     lane_sum.iter().sum::<f32>() + rest
 }
