@@ -403,7 +403,7 @@ fn parallel_attention(work: usize) -> bool {
 pub const GEMM_ATTENTION_MIN_ROWS: usize = 16;
 
 /// Query rows per block of [`attention_gemm`]'s causal loop.
-const CAUSAL_BLOCK: usize = 64;
+const CAUSAL_BLOCK: usize = 32;
 
 /// One worker's scratch of [`attention_gemm`], kept between calls so a prefill allocates (and
 /// page-faults) nothing per layer: a KV head's packed K and V, reused by the query heads of its
