@@ -54,22 +54,7 @@ fn fused_gated_quantize_equals_the_unfused_passes() {
     );
     let mut gate = vec![0.0; 2 * k];
     let mut out = vec![0.0; 2 * n];
-    assert!(forward_gated(
-        Activation::Silu,
-        &down,
-        &mut gate,
-        &vec![0.0; 3],
-        2,
-        &mut out
-    )
-    .is_err());
-    assert!(forward_gated(
-        Activation::Silu,
-        &down,
-        &mut gate,
-        &vec![0.0; 2 * k],
-        3,
-        &mut out
-    )
-    .is_err());
+    let (short_up, full_up) = (vec![0.0; 3], vec![0.0; 2 * k]);
+    assert!(forward_gated(Activation::Silu, &down, &mut gate, &short_up, 2, &mut out).is_err());
+    assert!(forward_gated(Activation::Silu, &down, &mut gate, &full_up, 3, &mut out).is_err());
 }
