@@ -85,27 +85,28 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 
 /// Apply an activation in place (for gated MLPs `x` is the gate).
 pub fn activate(act: Activation, x: &mut [f32]) {
+    x.par_chunks_mut(4096).for_each(|c| activate_serial(act, c));
+}
+
+/// [`activate`] on the calling thread (the same values, element by element).
+pub fn activate_serial(act: Activation, x: &mut [f32]) {
     if act == Activation::Silu {
-        x.par_chunks_mut(4096)
-            .for_each(sq_kernels::math::silu_inplace);
-        return;
+        return sq_kernels::math::silu_inplace(x);
     }
-    x.par_chunks_mut(4096).for_each(|c| {
-        for v in c {
-            *v = match act {
-                Activation::Silu => *v / (1.0 + (-*v).exp()),
-                Activation::Relu => v.max(0.0),
-                Activation::GeluTanh => {
-                    let x = *v;
-                    0.5 * x * (1.0 + (0.797_884_6 * x * (1.0 + 0.044715 * x * x)).tanh())
-                }
-                Activation::Gelu => {
-                    let x = *v as f64;
-                    (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32
-                }
+    for v in x {
+        *v = match act {
+            Activation::Silu => *v / (1.0 + (-*v).exp()),
+            Activation::Relu => v.max(0.0),
+            Activation::GeluTanh => {
+                let x = *v;
+                0.5 * x * (1.0 + (0.797_884_6 * x * (1.0 + 0.044715 * x * x)).tanh())
+            }
+            Activation::Gelu => {
+                let x = *v as f64;
+                (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32
             }
         }
-    });
+    }
 }
 
 /// erf with < 1.2e-7 absolute error (Numerical Recipes' erfc Chebyshev fit).
@@ -130,43 +131,48 @@ fn erf(x: f64) -> f64 {
     }
 }
 
-/// The `(cos, sin)` pairs of every position `pos0..pos0 + rows` and frequency (`[rows,
-/// head_dim / 2, 2]`) into `out`: computed once per forward pass and shared by every layer's
-/// queries and keys (`sin_cos` per layer was 1.3% of a W8A8 prefill).
+/// The cosines and sines of every position `pos0..pos0 + rows` and frequency (`[rows, 2,
+/// head_dim / 2]`: a row's cosines, then its sines) into `out`: computed once per forward pass
+/// and shared by every layer's queries and keys (`sin_cos` per layer was 1.3% of a W8A8
+/// prefill).
 pub fn rope_table(pos0: usize, rows: usize, head_dim: usize, inv_freq: &[f32], out: &mut Vec<f32>) {
     let half = head_dim / 2;
     out.clear();
-    out.reserve(rows * half * 2);
-    for t in 0..rows {
+    out.resize(rows * half * 2, 0.0);
+    for (t, row) in out.chunks_exact_mut(2 * half).enumerate() {
         let pos = (pos0 + t) as f32;
-        for &f in inv_freq.iter().take(half) {
+        let (cos, sin) = row.split_at_mut(half);
+        for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
             // Same f32 product as PyTorch (`inv_freq @ position`), then cos/sin.
-            let (sin, cos) = (pos * f).sin_cos();
-            out.push(cos);
-            out.push(sin);
+            (*s, *c) = (pos * f).sin_cos();
         }
     }
 }
 
 /// Rotate `x` (`[rows, heads * head_dim]`) in place with Hugging Face's `rotate_half`
 /// convention (pairs `(i, i + head_dim/2)`), row `t` by the angles of row `t` of `table` (from
-/// [`rope_table`], whose rows must cover `x`'s).
+/// [`rope_table`], whose rows must cover `x`'s). Cosines and sines lie apart in the table, so
+/// the loop over a head's pairs vectorizes.
 pub fn apply_rope_table(x: &mut [f32], heads: usize, head_dim: usize, table: &[f32]) {
     let half = head_dim / 2;
     let width = heads * head_dim;
-    x.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
-        let angles = &table[t * half * 2..(t + 1) * half * 2];
-        for (i, cs) in angles.chunks_exact(2).enumerate() {
-            let (cos, sin) = (cs[0], cs[1]);
-            for h in 0..heads {
-                let base = h * head_dim;
-                let a = row[base + i];
-                let b = row[base + i + half];
-                row[base + i] = a * cos - b * sin;
-                row[base + i + half] = b * cos + a * sin;
+    if half == 0 {
+        return;
+    }
+    x.par_chunks_mut(width)
+        .zip(table.par_chunks(2 * half))
+        .with_min_len(16)
+        .for_each(|(row, angles)| {
+            let (cos, sin) = angles.split_at(half);
+            for head in row.chunks_exact_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for (((a, b), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(cos).zip(sin) {
+                    let (x0, x1) = (*a, *b);
+                    *a = x0 * c - x1 * s;
+                    *b = x1 * c + x0 * s;
+                }
             }
-        }
-    });
+        });
 }
 
 /// Keys and values of every layer, preallocated for `capacity` positions so decoding never
@@ -397,11 +403,35 @@ fn parallel_attention(work: usize) -> bool {
 pub const GEMM_ATTENTION_MIN_ROWS: usize = 16;
 
 /// Query rows per block of [`attention_gemm`]'s causal loop.
-const CAUSAL_BLOCK: usize = 64;
+const CAUSAL_BLOCK: usize = 32;
+
+/// One worker's scratch of [`attention_gemm`], kept between calls so a prefill allocates (and
+/// page-faults) nothing per layer: a KV head's packed K and V, reused by the query heads of its
+/// group that run on this worker in the same call, and one causal block's scores.
+#[derive(Default)]
+struct GemmAttentionScratch {
+    keys: sq_kernels::PackedB,
+    values: sq_kernels::PackedB,
+    /// `(call, kv head)` whose K and V are packed above.
+    packed_for: Option<(u64, usize)>,
+    scores: Vec<f32>,
+    inv_sums: Vec<f32>,
+}
+
+thread_local! {
+    static GEMM_ATTENTION: RefCell<GemmAttentionScratch> = RefCell::new(GemmAttentionScratch::default());
+    // The calling thread's `[heads, rows, head_dim]` output of [`attention_gemm`].
+    static HEAD_MAJOR: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Numbers [`attention_gemm`] calls, so a worker's packed K and V are never taken for another
+/// call's (another layer's keys can sit at the same address).
+static GEMM_ATTENTION_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Causal attention for a prefill chunk on the f32 GEMM: per head, `S = scale · Q Kᵀ` and
 /// `O = softmax(S) V` as two strided GEMMs (heads in parallel), with the same masking, ALiBi and
-/// sliding window as [`attention`]. Scratch is per call (prefill, not per decoded token).
+/// sliding window as [`attention`]. The softmax leaves its division to `O`'s rows (`head_dim`
+/// values each instead of one per key). Scratch is per worker and kept between calls.
 pub fn attention_gemm(
     q: &[f32],
     keys: &[f32],
@@ -410,7 +440,38 @@ pub fn attention_gemm(
     alibi: Option<&[f32]>,
     out: &mut [f32],
 ) -> crate::Result<()> {
-    use sq_kernels::{sgemm_packed_serial, MatMut, MatRef, PackedB, Transpose};
+    let t = q.len() / (shape.heads * shape.head_dim).max(1);
+    let len = shape.heads * t * shape.head_dim;
+    let mut head_major = HEAD_MAJOR.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    if head_major.len() < len {
+        head_major.resize(len, 0.0);
+    }
+    let result = attention_gemm_heads(q, keys, values, shape, alibi, &mut head_major[..len]);
+    if result.is_ok() {
+        let (heads, head_dim) = (shape.heads, shape.head_dim);
+        for (h, o) in head_major[..len].chunks_exact(t * head_dim).enumerate() {
+            for (row, src) in out
+                .chunks_exact_mut(heads * head_dim)
+                .zip(o.chunks_exact(head_dim))
+            {
+                row[h * head_dim..(h + 1) * head_dim].copy_from_slice(src);
+            }
+        }
+    }
+    HEAD_MAJOR.with(|b| *b.borrow_mut() = head_major);
+    result
+}
+
+/// [`attention_gemm`] into `head_major` (`[heads, rows, head_dim]`).
+fn attention_gemm_heads(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: &AttentionShape,
+    alibi: Option<&[f32]>,
+    head_major: &mut [f32],
+) -> crate::Result<()> {
+    use sq_kernels::{sgemm_packed_serial, MatMut, MatRef, Transpose};
     let AttentionShape {
         heads,
         kv_heads,
@@ -424,17 +485,16 @@ pub fn attention_gemm(
     let group = heads / kv_heads;
     let t = q.len() / q_width;
     let n_keys = pos0 + t;
-    let head_outputs: Vec<crate::Result<Vec<f32>>> = (0..heads)
-        .into_par_iter()
-        .map(|h| {
-            let kvh = h / group;
-            // K and V of the head packed once for every causal block (a block reads a prefix of
-            // K's panels and a window of V's rows).
-            let mut kp = PackedB::new();
-            let mut vp = PackedB::new();
+    let call = GEMM_ATTENTION_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let head = |h: usize, o: &mut [f32], s: &mut GemmAttentionScratch| -> crate::Result<()> {
+        let kvh = h / group;
+        // K and V of the head packed once for every causal block (a block reads a prefix of
+        // K's panels and a window of V's rows), and for the next heads of its group.
+        if s.packed_for != Some((call, kvh)) {
+            s.packed_for = None;
             for (packed, data, op) in [
-                (&mut kp, keys, Transpose::Yes),
-                (&mut vp, values, Transpose::No),
+                (&mut s.keys, keys, Transpose::Yes),
+                (&mut s.values, values, Transpose::No),
             ] {
                 let head = MatRef {
                     data: &data[kvh * head_dim..],
@@ -444,64 +504,77 @@ pub fn attention_gemm(
                 };
                 packed.pack(head, op)?;
             }
-            // Causal: a block of query rows needs only the keys up to its last position, so
-            // the masked upper triangle is never computed (half the work of a fresh prompt).
-            let mut scores = vec![0.0f32; CAUSAL_BLOCK.min(t) * n_keys];
-            let mut o = vec![0.0f32; t * head_dim];
-            for r0 in (0..t).step_by(CAUSAL_BLOCK) {
-                let r1 = (r0 + CAUSAL_BLOCK).min(t);
-                let rows = r1 - r0;
-                // First key of the block, at a panel edge of the packed K (a sliding window's
-                // earlier keys are masked below like the causal ones).
-                let k0 = sliding_window.map_or(0, |w| (pos0 + r0 + 1).saturating_sub(w));
-                let k0 = k0 - k0 % 16;
-                let k1 = pos0 + r1;
-                let nk = k1 - k0;
-                let block = &mut scores[..rows * nk];
-                let qv = MatRef {
-                    data: &q[r0 * q_width + h * head_dim..],
-                    rows,
-                    cols: head_dim,
-                    row_stride: q_width,
-                };
-                sgemm_packed_serial(scale, qv, &kp, 0, k0, 0.0, MatMut::new(block, rows, nk))?;
-                for (i, row) in block.chunks_exact_mut(nk).enumerate() {
-                    let pos = pos0 + r0 + i;
-                    let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    if let Some(slopes) = alibi {
-                        for (j, s) in row
-                            .iter_mut()
-                            .enumerate()
-                            .take(pos + 1 - k0)
-                            .skip(first - k0)
-                        {
-                            *s += slopes[h] * (k0 + j) as f32;
-                        }
-                    }
-                    sq_kernels::math::softmax_inplace(&mut row[first - k0..=pos - k0]);
-                    row[..first - k0].fill(0.0);
-                    row[pos + 1 - k0..].fill(0.0);
-                }
-                sgemm_packed_serial(
-                    1.0,
-                    MatRef::new(block, rows, nk),
-                    &vp,
-                    k0,
-                    0,
-                    0.0,
-                    MatMut::new(&mut o[r0 * head_dim..r1 * head_dim], rows, head_dim),
-                )?;
-            }
-            Ok(o)
-        })
-        .collect();
-    for (h, o) in head_outputs.into_iter().enumerate() {
-        let o = o?;
-        for (row, src) in out.chunks_exact_mut(q_width).zip(o.chunks_exact(head_dim)) {
-            row[h * head_dim..(h + 1) * head_dim].copy_from_slice(src);
+            s.packed_for = Some((call, kvh));
         }
-    }
-    Ok(())
+        let block_len = CAUSAL_BLOCK.min(t) * n_keys;
+        if s.scores.len() < block_len {
+            s.scores.resize(block_len, 0.0);
+        }
+        if s.inv_sums.len() < CAUSAL_BLOCK {
+            s.inv_sums.resize(CAUSAL_BLOCK, 0.0);
+        }
+        // Causal: a block of query rows needs only the keys up to its last position, so
+        // the masked upper triangle is never computed (half the work of a fresh prompt).
+        for r0 in (0..t).step_by(CAUSAL_BLOCK) {
+            let r1 = (r0 + CAUSAL_BLOCK).min(t);
+            let rows = r1 - r0;
+            // First key of the block, at a panel edge of the packed K (a sliding window's
+            // earlier keys are masked below like the causal ones).
+            let k0 = sliding_window.map_or(0, |w| (pos0 + r0 + 1).saturating_sub(w));
+            let k0 = k0 - k0 % 16;
+            let k1 = pos0 + r1;
+            let nk = k1 - k0;
+            let block = &mut s.scores[..rows * nk];
+            let qv = MatRef {
+                data: &q[r0 * q_width + h * head_dim..],
+                rows,
+                cols: head_dim,
+                row_stride: q_width,
+            };
+            sgemm_packed_serial(scale, qv, &s.keys, 0, k0, 0.0, MatMut::new(block, rows, nk))?;
+            for ((i, row), inv) in block
+                .chunks_exact_mut(nk)
+                .enumerate()
+                .zip(s.inv_sums.iter_mut())
+            {
+                let pos = pos0 + r0 + i;
+                let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                if let Some(slopes) = alibi {
+                    for (j, s) in row
+                        .iter_mut()
+                        .enumerate()
+                        .take(pos + 1 - k0)
+                        .skip(first - k0)
+                    {
+                        *s += slopes[h] * (k0 + j) as f32;
+                    }
+                }
+                *inv = 1.0 / sq_kernels::math::exp_sum_inplace(&mut row[first - k0..=pos - k0]);
+                row[..first - k0].fill(0.0);
+                row[pos + 1 - k0..].fill(0.0);
+            }
+            let o_block = &mut o[r0 * head_dim..r1 * head_dim];
+            sgemm_packed_serial(
+                1.0,
+                MatRef::new(block, rows, nk),
+                &s.values,
+                k0,
+                0,
+                0.0,
+                MatMut::new(o_block, rows, head_dim),
+            )?;
+            for (o_row, &inv) in o_block.chunks_exact_mut(head_dim).zip(&s.inv_sums) {
+                for x in o_row {
+                    *x *= inv;
+                }
+            }
+        }
+        Ok(())
+    };
+    head_major
+        .par_chunks_mut(t * head_dim)
+        .enumerate()
+        .try_for_each(|(h, o)| GEMM_ATTENTION.with(|s| head(h, o, &mut s.borrow_mut())))
 }
 
 #[cfg(test)]
@@ -576,6 +649,39 @@ mod tests {
                     assert!(
                         (got - want).abs() < 1e-5,
                         "head {h} dim {i}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The table and the vectorized rotation against the rotate_half definition, pair by pair
+    /// (the same f32 operations, so exactly).
+    #[test]
+    fn rope_table_rotation_matches_the_definition() {
+        let (heads, hd, rows, pos0) = (3, 10, 7, 4);
+        let half = hd / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
+            .collect();
+        let x: Vec<f32> = (0..rows * heads * hd)
+            .map(|i| ((i * 2654435761) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        let mut table = Vec::new();
+        rope_table(pos0, rows, hd, &inv_freq, &mut table);
+        let mut got = x.clone();
+        apply_rope_table(&mut got, heads, hd, &table);
+        for t in 0..rows {
+            for h in 0..heads {
+                for (i, &f) in inv_freq.iter().enumerate() {
+                    let (sin, cos) = ((pos0 + t) as f32 * f).sin_cos();
+                    let at = t * heads * hd + h * hd + i;
+                    let (a, b) = (x[at], x[at + half]);
+                    assert_eq!(got[at], a * cos - b * sin, "row {t} head {h} pair {i}");
+                    assert_eq!(
+                        got[at + half],
+                        b * cos + a * sin,
+                        "row {t} head {h} pair {i}"
                     );
                 }
             }

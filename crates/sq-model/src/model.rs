@@ -149,6 +149,9 @@ struct Buffers {
     rope_for: Option<(usize, usize)>,
 }
 
+/// Tokens from which [`Model::forward`] runs on a thread of rayon's pool.
+const POOL_FORWARD_MIN_TOKENS: usize = 16;
+
 fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len {
         buf.resize(len, 0.0);
@@ -412,6 +415,22 @@ impl Model {
     /// Run `tokens` at the session's next positions; `logits` receives `[vocab]` (Last) or
     /// `[tokens, vocab]` (All).
     pub fn forward(
+        &self,
+        tokens: &[u32],
+        session: &mut Session,
+        which: Logits,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        // A prefill chunk runs hundreds of parallel loops; from a thread outside rayon's pool each
+        // would be injected into the pool and wait on a wake-up (futex) round trip, so the whole
+        // pass moves onto a worker once. Decode steps stay put: they run on the spinning team.
+        if tokens.len() >= POOL_FORWARD_MIN_TOKENS && rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_here(tokens, session, which, logits));
+        }
+        self.forward_here(tokens, session, which, logits)
+    }
+
+    fn forward_here(
         &self,
         tokens: &[u32],
         session: &mut Session,
@@ -796,12 +815,8 @@ impl Model {
                 } else {
                     crate::quant::forward_same_input(&[gate, up], hidden, t, outs)?;
                 }
-                activate(cfg.activation, a);
-                for (x, y) in a.iter_mut().zip(u.iter()) {
-                    *x *= y;
-                }
                 let proj = grow(&mut b.proj, t * h);
-                down.forward(a, t, proj)?;
+                crate::quant::forward_gated(cfg.activation, down, a, u, t, proj)?;
             }
             Mlp::Plain { fc1, fc2 } => {
                 let inter = fc1.linear.out_features();

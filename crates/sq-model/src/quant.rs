@@ -442,6 +442,8 @@ pub fn forward_same_input(
 thread_local! {
     // One normalized row of the fused norm + quantize pass (stays in L1; grown once).
     static NORM_ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    // One row of `act(gate) * up` of the fused gated-MLP quantize pass (stays in L1).
+    static GATED_ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Rows below which the fused norm + quantize pass runs on the calling thread.
@@ -609,6 +611,78 @@ pub fn forward_normed(
     with_act_scratch(x.len(), m, |q, scales| {
         let x_scales = norm_quantize(norm, first.act, x, m, k, normed, q, scales)?;
         gemms(linears, q, m, x_scales, outs)
+    })
+}
+
+/// A gated MLP's down projection of `act(gate) * up` (`[m, k]` each; `gate` may be overwritten),
+/// into `out`. When `down` is a plain W8A8 Linear quantizing per token or statically, each row
+/// is activated, multiplied and quantized while it is in L1 (the f32 product is never written);
+/// otherwise the passes run one after the other. Results are identical either way.
+pub fn forward_gated(
+    act: crate::config::Activation,
+    down: &NamedLinear,
+    gate: &mut [f32],
+    up: &[f32],
+    m: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    use sq_kernels as sk;
+    let k = down.linear.in_features();
+    if m.checked_mul(k) != Some(gate.len()) || up.len() != gate.len() {
+        return Err(ModelError::Invalid(format!(
+            "{}: gate of {} values and up of {} values are not {m} rows of {k} channels",
+            down.name,
+            gate.len(),
+            up.len()
+        )));
+    }
+    let fused = plain_int8(down).filter(|d| !matches!(d.act, ActQuant::Tensor));
+    let Some(d) = fused else {
+        crate::layers::activate(act, gate);
+        for (x, y) in gate.iter_mut().zip(up) {
+            *x *= y;
+        }
+        return down.forward(gate, m, out);
+    };
+    check_forward_shapes(d, gate, m, out).map_err(|e| name_err(&down.name, e))?;
+    let gated_row = |(g, u): (&[f32], &[f32]), qr: &mut [i8], s: &mut f32| -> Result<()> {
+        GATED_ROW.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < k {
+                buf.resize(k, 0.0);
+            }
+            let row = &mut buf[..k];
+            if act == crate::config::Activation::Silu {
+                sk::math::silu_mul(g, u, row);
+            } else {
+                row.copy_from_slice(g);
+                crate::layers::activate_serial(act, row);
+                for (x, y) in row.iter_mut().zip(u) {
+                    *x *= y;
+                }
+            }
+            match d.act {
+                ActQuant::Static { scale } => sk::quantize_static(row, scale, qr)?,
+                _ => sk::quantize_per_token(row, 1, k, qr, std::slice::from_mut(s))?,
+            }
+            Ok(())
+        })
+    };
+    with_act_scratch(gate.len(), m, |q, scales| {
+        let scales = &mut scales[..m];
+        if k > 0 {
+            let rows = gate.par_chunks(k).zip(up.par_chunks(k));
+            rows.zip(q.par_chunks_mut(k).zip(scales.par_iter_mut()))
+                .with_min_len(NORM_PARALLEL_ROWS)
+                .try_for_each(|(gu, (qr, s))| gated_row(gu, qr, s))?;
+        }
+        let x_scales = match d.act {
+            ActQuant::Static { scale } => ActScales::PerTensor(scale),
+            _ => ActScales::PerToken(scales),
+        };
+        d.backend
+            .gemm_f32_out(q, m, x_scales, &d.packed, out)
+            .map_err(|e| name_err(&down.name, e.into()))
     })
 }
 
