@@ -371,8 +371,7 @@ pub fn attention(
             slope: slopes[h],
             first,
         });
-        SCORES.with(|s| {
-            let mut scores = s.borrow_mut();
+        crate::scratch::with_scratch(&SCORES, |scores| {
             if scores.len() < n {
                 scores.resize(n, 0.0);
             }
@@ -442,7 +441,7 @@ pub fn attention_gemm(
 ) -> crate::Result<()> {
     let t = q.len() / (shape.heads * shape.head_dim).max(1);
     let len = shape.heads * t * shape.head_dim;
-    let mut head_major = HEAD_MAJOR.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    let mut head_major = crate::scratch::with_scratch(&HEAD_MAJOR, std::mem::take);
     if head_major.len() < len {
         head_major.resize(len, 0.0);
     }
@@ -458,7 +457,7 @@ pub fn attention_gemm(
             }
         }
     }
-    HEAD_MAJOR.with(|b| *b.borrow_mut() = head_major);
+    crate::scratch::with_scratch(&HEAD_MAJOR, |b| *b = head_major);
     result
 }
 
@@ -574,7 +573,7 @@ fn attention_gemm_heads(
     head_major
         .par_chunks_mut(t * head_dim)
         .enumerate()
-        .try_for_each(|(h, o)| GEMM_ATTENTION.with(|s| head(h, o, &mut s.borrow_mut())))
+        .try_for_each(|(h, o)| crate::scratch::with_scratch(&GEMM_ATTENTION, |s| head(h, o, s)))
 }
 
 #[cfg(test)]

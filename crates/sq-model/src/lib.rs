@@ -44,6 +44,7 @@ pub mod opt;
 pub mod quant;
 pub mod raw;
 pub mod runner;
+mod scratch;
 pub mod tokenizer;
 pub mod weights;
 

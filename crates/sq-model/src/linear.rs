@@ -189,8 +189,7 @@ impl Linear for FpLinear {
             sq_kernels::f32_gemm(x, m, &self.packed, self.bias.as_deref(), y)?;
             return Ok(());
         };
-        SMOOTHED_INPUT.with(|buf| {
-            let mut buf = buf.borrow_mut();
+        crate::scratch::with_scratch(&SMOOTHED_INPUT, |buf| {
             if buf.len() < x.len() {
                 buf.resize(x.len(), 0.0);
             }

@@ -282,8 +282,7 @@ impl Linear for Int8Linear {
     }
     fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         check_forward_shapes(self, x, m, y)?;
-        ACT_SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
+        crate::scratch::with_scratch(&ACT_SCRATCH, |s| {
             let (q, scales) = &mut *s;
             if q.len() < x.len() {
                 q.resize(x.len(), 0);
@@ -376,8 +375,7 @@ fn with_act_scratch<R>(
     m: usize,
     f: impl FnOnce(&mut [i8], &mut [f32]) -> Result<R>,
 ) -> Result<R> {
-    ACT_SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
+    crate::scratch::with_scratch(&ACT_SCRATCH, |s| {
         let (q, scales) = &mut *s;
         if q.len() < len {
             q.resize(len, 0);
@@ -488,8 +486,7 @@ where
         }
         None => {
             let row = |(xr, (qr, a)): (&[f32], (&mut [i8], &mut f32))| {
-                NORM_ROW.with(|buf| {
-                    let mut buf = buf.borrow_mut();
+                crate::scratch::with_scratch(&NORM_ROW, |buf| {
                     if buf.len() < k {
                         buf.resize(k, 0.0);
                     }
@@ -646,8 +643,7 @@ pub fn forward_gated(
     };
     check_forward_shapes(d, gate, m, out).map_err(|e| name_err(&down.name, e))?;
     let gated_row = |(g, u): (&[f32], &[f32]), qr: &mut [i8], s: &mut f32| -> Result<()> {
-        GATED_ROW.with(|buf| {
-            let mut buf = buf.borrow_mut();
+        crate::scratch::with_scratch(&GATED_ROW, |buf| {
             if buf.len() < k {
                 buf.resize(k, 0.0);
             }
