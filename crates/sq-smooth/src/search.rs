@@ -164,6 +164,9 @@ pub struct AlphaCandidate {
     /// The groups smoothed (a subset of the searched ones: smoothing a group can hurt when it
     /// moves a producer's rows far apart under per-tensor weight scales).
     pub groups: Vec<SmoothGroup>,
+    /// `Runtime` when the search turned the row folds of `groups` into run-time divides;
+    /// `Rows` when it kept the folds the groups came with.
+    pub fold: BeyondFold,
     /// The quantized model's divergence from the FP model on the scoring windows (mean KL per
     /// token, per window; the score), and its NLL of the text there (reported).
     pub divergence: Divergence,
@@ -339,6 +342,7 @@ pub fn refine_alphas(
             label,
             alphas,
             groups: chosen,
+            fold,
             divergence,
         });
         progress(tried.len(), total);

@@ -196,34 +196,20 @@ pub fn groups_for(model: &sq_model::Model, q: &QuantArgs) -> Result<Vec<sq_smoot
     Ok(sq_smooth::BeyondFold::from(q.smooth_fold.unwrap_or(SmoothFold::Rows)).apply(&groups))
 }
 
-/// Where `1/s` went for the groups after no norm (none when `searched` has no such group):
-/// `runtime` when any of `used` divides at run time where its counterpart in `searched` folds
-/// into a producer's rows.
-pub fn fold_of(
-    searched: &[sq_smooth::SmoothGroup],
-    used: &[sq_smooth::SmoothGroup],
+/// Where `1/s` went for the groups after no norm, for reports: `--smooth-fold` when given, else
+/// `--alpha auto`'s choice (`auto`), else rows; none for `--smooth-targets paper`.
+pub fn reported_fold(
     q: &QuantArgs,
+    auto: Option<sq_smooth::BeyondFold>,
 ) -> Option<sq_smooth::BeyondFold> {
-    if searched.iter().all(|g| g.norm().is_some()) {
-        return None;
-    }
-    let divided = used.iter().any(|g| {
-        g.fold == sq_smooth::Fold::Runtime
-            && searched
-                .iter()
-                .any(|o| o.name() == g.name() && matches!(o.fold, sq_smooth::Fold::Rows { .. }))
-    });
-    Some(if divided {
-        sq_smooth::BeyondFold::Runtime
-    } else {
-        q.smooth_fold.map(Into::into).unwrap_or_default()
-    })
+    (sq_smooth::SmoothTargets::from(q.smooth_targets) == sq_smooth::SmoothTargets::All)
+        .then(|| q.smooth_fold.map(Into::into).or(auto).unwrap_or_default())
 }
 
 /// Resolve `--alpha auto`: sample each group's inputs on calibration windows of the FP model and
 /// search the α grid per group for the recipe's quantization. With `runtime_allowed` and no
 /// `--smooth-fold`, the model-level stage also tries run-time divides for the groups that fold
-/// into a producer's rows; the returned groups carry the chosen folds.
+/// into a producer's rows; the returned groups carry the chosen folds, and the fold is returned.
 pub fn auto_alpha(
     loaded: &mut LoadedModel,
     groups: &[sq_smooth::SmoothGroup],
@@ -232,7 +218,11 @@ pub fn auto_alpha(
     q: &QuantArgs,
     runtime_allowed: bool,
     show: bool,
-) -> Result<(AlphaSpec, Vec<sq_smooth::SmoothGroup>)> {
+) -> Result<(
+    AlphaSpec,
+    Vec<sq_smooth::SmoothGroup>,
+    sq_smooth::BeyondFold,
+)> {
     let data = q
         .calib
         .calib_data
@@ -328,7 +318,7 @@ pub fn auto_alpha(
             .map(|g| g.name().to_string())
             .collect(),
     };
-    Ok((spec, chosen.groups))
+    Ok((spec, chosen.groups, chosen.fold))
 }
 
 /// What was done to build a scheme's model, for reports.
@@ -387,14 +377,15 @@ pub fn build(
     let recipe = recipe(q);
     let mut smooth_fold = None;
     if scheme == Scheme::SmoothQuant {
-        let searched = smoothing_groups(&loaded.model, q.smooth_targets.into())?;
         let groups = groups_for(&loaded.model, q)?;
-        let (spec, groups) = if is_auto(q) {
-            auto_alpha(&mut loaded, &groups, &stats, &recipe, q, true, show)?
+        let (spec, groups, auto_fold) = if is_auto(q) {
+            let (spec, groups, fold) =
+                auto_alpha(&mut loaded, &groups, &stats, &recipe, q, true, show)?;
+            (spec, groups, Some(fold))
         } else {
-            (alpha(q)?, groups)
+            (alpha(q)?, groups, None)
         };
-        smooth_fold = fold_of(&searched, &groups, q);
+        smooth_fold = reported_fold(q, auto_fold);
         let _span = tracing::info_span!("smooth", groups = groups.len()).entered();
         smoothing = smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?;
         unsmoothed = spec.unsmoothed().into_iter().map(str::to_string).collect();

@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use sq_calib::{CalibConfig, StatsTable};
 use sq_model::{LayeredModel, LoadedModel};
 use sq_smooth::{
-    run_layers, save_compressed_tensors, save_native, smooth_model, smoothing_groups, ActPolicy,
-    AlphaSpec, ExportInfo, LayerOutcome, LayerPlan, NativeStreamWriter, Recipe,
+    run_layers, save_compressed_tensors, save_native, smooth_model, ActPolicy, AlphaSpec,
+    ExportInfo, LayerOutcome, LayerPlan, NativeStreamWriter, Recipe,
 };
 
 /// The model quantized in memory, or layer by layer with its layers already written.
@@ -179,12 +179,9 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let recipe = recipe(&a.quant);
     let targets = sq_smooth::SmoothTargets::from(a.quant.smooth_targets);
     let stream = should_stream(&a.model, a.stream || a.sequential, show)?;
-    let mut smooth_fold = match (&alpha_spec, targets) {
-        (Some(_), sq_smooth::SmoothTargets::All) => {
-            Some(a.quant.smooth_fold.map(Into::into).unwrap_or_default())
-        }
-        _ => None,
-    };
+    let mut smooth_fold = alpha_spec
+        .as_ref()
+        .and_then(|_| super::pipeline::reported_fold(&a.quant, None));
     let (output, results, spec) = if stream {
         let streamed = stream_layers(&a, scheme, alpha_spec.as_ref(), &recipe, show)?;
         let spec = alpha_spec.clone();
@@ -205,7 +202,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             let (spec, groups) = if super::pipeline::is_auto(&a.quant) {
                 // compressed-tensors has no field for a run-time divide: auto keeps the folds.
                 let runtime_allowed = a.format == ExportFormat::Native;
-                super::pipeline::auto_alpha(
+                let (spec, groups, fold) = super::pipeline::auto_alpha(
                     &mut loaded,
                     &groups,
                     &stats,
@@ -213,15 +210,12 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
                     &a.quant,
                     runtime_allowed,
                     show,
-                )?
+                )?;
+                smooth_fold = super::pipeline::reported_fold(&a.quant, Some(fold));
+                (spec, groups)
             } else {
                 (spec.clone(), groups)
             };
-            smooth_fold = super::pipeline::fold_of(
-                &smoothing_groups(&loaded.model, targets)?,
-                &groups,
-                &a.quant,
-            );
             results = Some(smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?);
             used_spec = Some(spec);
         }

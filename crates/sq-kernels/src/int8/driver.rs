@@ -127,10 +127,10 @@ pub(crate) struct TileAt {
     pub partial: *mut i32,
     pub ld_partial: usize,
     /// Lines ahead to prefetch in each panel (0: none): at group `g`, line
-    /// `g + prefetch` of each panel, or with `prefetch_rate == 2`, line `g / 2 + prefetch` at
-    /// even `g` (half the lines, at half the rate).
+    /// `(g >> prefetch_shift) + prefetch` of each panel, at the groups `g` that are multiples
+    /// of `1 << prefetch_shift` (shift 1: half the lines, at half the rate).
     pub prefetch: usize,
-    pub prefetch_rate: usize,
+    pub prefetch_shift: u32,
 }
 
 impl TileAt {
@@ -251,15 +251,15 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
     // prefetch ahead in their own panels.
     let two_tiles = streaming && prefetch != 0 && m - m.min(K::MR) > K::MR / 2;
     let next_panels = K::NV * ctx.groups;
-    let prefetch_plan = |row_offset: usize, after_first: bool| -> (usize, usize) {
+    let prefetch_plan = |row_offset: usize, after_first: bool| -> (usize, u32) {
         match (two_tiles, row_offset == 0) {
-            (false, _) => (prefetch, 1),
-            (true, true) if !after_first => (prefetch, 1),
-            (true, true) => (next_panels, 2),
+            (false, _) => (prefetch, 0),
+            (true, true) if !after_first => (prefetch, 0),
+            (true, true) => (next_panels, 1),
             // The task's first panels: the first tile prefetched its own, so the second
             // fetches all of the next.
-            (true, false) if !after_first => (next_panels, 1),
-            (true, false) => (next_panels + ctx.groups.div_ceil(2), 2),
+            (true, false) if !after_first => (next_panels, 0),
+            (true, false) => (next_panels + ctx.groups.div_ceil(2), 1),
         }
     };
     let k_blocks = ctx.groups.div_ceil(kc).max(1);
@@ -274,7 +274,7 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
                 let mut i = i_lo;
                 while i < i_hi {
                     let rows = K::MR.min(i_hi - i);
-                    let (pf, pf_rate) = prefetch_plan(i - i_lo, p > p_lo);
+                    let (pf, pf_shift) = prefetch_plan(i - i_lo, p > p_lo);
                     let at = TileAt {
                         i0: i,
                         p0: p,
@@ -290,7 +290,7 @@ pub(crate) fn run_tiles<K: TileKernel>(kern: &K, ctx: &TileCtx, m: usize, parall
                         },
                         ld_partial,
                         prefetch: pf,
-                        prefetch_rate: pf_rate,
+                        prefetch_shift: pf_shift,
                     };
                     // SAFETY: rows and panels are inside the validated problem.
                     unsafe { kern.tile(ctx, &at, rows, pn) };

@@ -80,12 +80,13 @@ unsafe fn tile_512<const R: usize, const V: usize>(ctx: &TileCtx, at: &TileAt) {
     let stride = ctx.groups;
     let b0 = ctx.panels.add(p0 * stride);
     let a0 = ctx.a.add(i0 * ctx.lda);
-    let (pf, pf_rate) = (at.prefetch, at.prefetch_rate.max(1));
+    let (pf, pf_shift) = (at.prefetch, at.prefetch_shift);
+    let pf_mask = (1usize << pf_shift) - 1;
     for g in at.full_groups(ctx) {
-        if pf != 0 && g % pf_rate == 0 {
+        if pf != 0 && g & pf_mask == 0 {
             for v in 0..V {
                 // May point past the panels (prefetches never fault): wrapping, not `add`.
-                let line = v * stride + g / pf_rate + pf;
+                let line = v * stride + (g >> pf_shift) + pf;
                 _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(line) as *const i8);
             }
         }
