@@ -21,6 +21,58 @@ pub struct Alibi {
     pub first: usize,
 }
 
+/// Scores of one query row from INT8 `Q·Kᵀ` accumulators: `out[j] = acc[j] · (q_scale ·
+/// key_scales[j])` (+ ALiBi's `slope · (first + j)`), where `key_scales` already include the
+/// softmax scale. Vectorized for AVX-512 when the CPU has it.
+///
+/// # Panics
+/// When `acc`, `key_scales` and `out` differ in length.
+pub fn scores_from_i32(
+    acc: &[i32],
+    q_scale: f32,
+    key_scales: &[f32],
+    alibi: Option<Alibi>,
+    out: &mut [f32],
+) {
+    assert!(acc.len() == out.len() && key_scales.len() == out.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F.
+        return unsafe { scores_from_i32_avx512(acc, q_scale, key_scales, alibi, out) };
+    }
+    scores_from_i32_loop(acc, q_scale, key_scales, alibi, out)
+}
+
+#[inline(always)]
+fn scores_from_i32_loop(
+    acc: &[i32],
+    q_scale: f32,
+    key_scales: &[f32],
+    alibi: Option<Alibi>,
+    out: &mut [f32],
+) {
+    for ((o, &a), &k) in out.iter_mut().zip(acc).zip(key_scales) {
+        *o = a as f32 * (q_scale * k);
+    }
+    if let Some(Alibi { slope, first }) = alibi {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o += slope * (first + j) as f32;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_from_i32_avx512(
+    acc: &[i32],
+    q_scale: f32,
+    key_scales: &[f32],
+    alibi: Option<Alibi>,
+    out: &mut [f32],
+) {
+    scores_from_i32_loop(acc, q_scale, key_scales, alibi, out)
+}
+
 /// Lanes of the portable dot products (independent partial sums, one vector register).
 const LANES: usize = 16;
 
@@ -203,6 +255,29 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scores_from_i32_match_the_scalar_formula() {
+        for n in [1usize, 7, 16, 33, 100] {
+            let acc: Vec<i32> = (0..n as i32).map(|j| (j * 7919) % 20001 - 10000).collect();
+            let ks: Vec<f32> = (0..n).map(|j| 1e-3 + j as f32 * 1e-4).collect();
+            for alibi in [
+                None,
+                Some(Alibi {
+                    slope: -0.25,
+                    first: 5,
+                }),
+            ] {
+                let mut got = vec![f32::NAN; n];
+                scores_from_i32(&acc, 0.03, &ks, alibi, &mut got);
+                for j in 0..n {
+                    let want = acc[j] as f32 * (0.03 * ks[j])
+                        + alibi.map_or(0.0, |a| a.slope * (a.first + j) as f32);
+                    assert_eq!(got[j], want, "n {n} j {j}");
+                }
+            }
+        }
+    }
 
     fn reference(q: &[f32], kv: HeadKv<'_>, scale: f32, alibi: Option<Alibi>, out: &mut [f32]) {
         let d = q.len();

@@ -88,9 +88,9 @@ pub use int8::{
 };
 pub use quantize::{
     absmax, dequantize_per_row, quantize_packed_weights_per_channel, quantize_per_tensor,
-    quantize_per_tensor_smoothed, quantize_per_token, quantize_per_token_smoothed, quantize_static,
-    quantize_static_smoothed, quantize_weights_per_channel, quantize_weights_per_tensor,
-    quantize_with_absmax,
+    quantize_per_tensor_smoothed, quantize_per_token, quantize_per_token_smoothed,
+    quantize_softmax_row, quantize_static, quantize_static_smoothed, quantize_weights_per_channel,
+    quantize_weights_per_tensor, quantize_with_absmax,
 };
 
 /// Compiles and runs the README's Rust examples as doctests.

@@ -211,6 +211,30 @@ fn quantize_rows(
     }
 }
 
+/// One attention row's probabilities as INT8 codes for an INT8 `P·V`: `row` holds the scores;
+/// the softmax is taken in place (`row` is left holding the unnormalized exponentials `e`), each
+/// probability is multiplied by its key's `fold` (the value scale, which lies along `P·V`'s
+/// reduction axis) and the row is quantized: `codes[j] = round(e[j]·fold[j] · 127 / max)`. The
+/// returned scale includes the softmax's `1 / Σe`, so `codes[j] · scale ≈ p[j] · fold[j]`.
+/// Computing the codes from `e` rather than from `p` saves a pass (the normalization only
+/// rescales the row, and per-row quantization is scale-invariant).
+pub fn quantize_softmax_row(row: &mut [f32], fold: &[f32], codes: &mut [i8]) -> Result<f32> {
+    const OP: &str = "quantize_softmax_row";
+    let shape = || format!("[{}]", row.len());
+    check_len(OP, "fold", shape, row.len(), fold.len())?;
+    check_len(OP, "codes", shape, row.len(), codes.len())?;
+    if row.is_empty() {
+        return Ok(0.0);
+    }
+    let sum = crate::math::exp_sum_inplace(row);
+    let imp = best_impl();
+    let absmax = absmax_with(imp, row, Some(fold));
+    check_finite_absmax(OP, "the folded probabilities", absmax)?;
+    let (scale, inv) = scale_for_absmax(absmax);
+    quantize_row_with(imp, row, Some(fold), inv, codes);
+    Ok(scale / sum)
+}
+
 /// Dynamic per-token quantization of `x [m, k]`: one scale per row into `scales [m]`.
 pub fn quantize_per_token(
     x: &[f32],

@@ -243,3 +243,50 @@ fn bad_input_is_an_error() {
     quantize_per_token(&[], 2, 0, &mut [], &mut s).unwrap();
     assert_eq!(s, [0.0, 0.0]);
 }
+
+/// The INT8-attention probability row: the codes are the per-row quantization of `p · fold`
+/// (up to a rounding of the code at a half step), and codes times the returned scale are
+/// `p · fold` within half a step.
+#[test]
+fn softmax_rows_quantize_the_folded_probabilities() {
+    let mut rng = Rng::new(11);
+    for n in [1usize, 2, 15, 16, 17, 63, 200, 513] {
+        let scores: Vec<f32> = (0..n).map(|_| rng.f32_in(-6.0, 6.0)).collect();
+        let fold: Vec<f32> = (0..n).map(|_| rng.f32_in(1e-3, 0.05)).collect();
+        // f64 reference probabilities, folded.
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let e: Vec<f64> = scores.iter().map(|&s| (s as f64 - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        let want: Vec<f32> = e
+            .iter()
+            .zip(&fold)
+            .map(|(e, &f)| (e / sum * f as f64) as f32)
+            .collect();
+        let mut row = scores.clone();
+        let mut codes = vec![0i8; n];
+        let scale = sq_kernels::quantize_softmax_row(&mut row, &fold, &mut codes).unwrap();
+        let peak = want.iter().fold(0f32, |m, &v| m.max(v));
+        assert!((scale * 127.0 - peak).abs() <= 1e-5 * peak, "n {n}");
+        assert!(
+            codes.iter().all(|&c| c >= 0) && codes.contains(&127),
+            "n {n}"
+        );
+        for (&c, &w) in codes.iter().zip(&want) {
+            let err = (c as f32 * scale - w).abs();
+            assert!(
+                err <= scale * 0.5 * (1.0 + 1e-4),
+                "n {n}: {c} x {scale} vs {w}"
+            );
+        }
+    }
+    let mut empty: [f32; 0] = [];
+    assert_eq!(
+        sq_kernels::quantize_softmax_row(&mut empty, &[], &mut []).unwrap(),
+        0.0
+    );
+    assert!(sq_kernels::quantize_softmax_row(&mut [0.0, 1.0], &[1.0], &mut [0, 0]).is_err());
+    assert!(
+        sq_kernels::quantize_softmax_row(&mut [0.0, 1.0], &[1.0, f32::INFINITY], &mut [0, 0])
+            .is_err()
+    );
+}

@@ -16,7 +16,8 @@
 use crate::layers::AttentionShape;
 use crate::Result;
 use rayon::prelude::*;
-use sq_kernels::{quantize_per_token, BatchedI8, BmmOutput, Int8Gemm};
+use sq_kernels::attention::{scores_from_i32, Alibi};
+use sq_kernels::{quantize_per_token, quantize_softmax_row, BatchedI8, BmmOutput, Int8Gemm};
 use std::sync::Arc;
 
 /// How a model computes attention and stores its KV cache.
@@ -140,7 +141,12 @@ pub struct Int8AttentionScratch {
     q_scales: Vec<f32>,
     /// `Q·Kᵀ` accumulators `[heads, tokens, keys]`.
     scores_acc: Vec<i32>,
-    /// `P · Δv` rows `[heads, tokens, keys]`, then their codes and per-row scales.
+    /// The block's key scales (times the softmax scale) and value scales, `[kv_heads, keys]`:
+    /// contiguous per KV head, so the score and fold loops vectorize.
+    key_scales: Vec<f32>,
+    value_scales: Vec<f32>,
+    /// Score rows `[heads, tokens, keys]` (softmax work space), then the codes of `P · Δv` and
+    /// their per-row scales.
     probs: Vec<f32>,
     probs_q: Vec<i8>,
     probs_scales: Vec<f32>,
@@ -161,20 +167,6 @@ fn grow<T: Clone + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
 /// The first key position row `pos` attends to.
 fn first_key(pos: usize, sliding_window: Option<usize>) -> usize {
     sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w))
-}
-
-/// Softmax of `row`'s entries `valid` in place, every other entry set to 0, then each
-/// probability multiplied by `fold(j)` (the value scale of key column `j`).
-fn softmax_fold(row: &mut [f32], valid: std::ops::Range<usize>, fold: impl Fn(usize) -> f32) {
-    // The vectorized exp and partial sums of the f32 attention (libm's scalar `expf` and one
-    // running sum took a third of INT8-attention prefill).
-    let inv = 1.0 / sq_kernels::math::exp_sum_inplace(&mut row[valid.clone()]);
-    row[..valid.start].fill(0.0);
-    let end = valid.end;
-    for (j, s) in row.iter_mut().enumerate().take(end).skip(valid.start) {
-        *s = *s * inv * fold(j);
-    }
-    row[end..].fill(0.0);
 }
 
 /// Positions `k0..k0 + keys` of a cache layer's codes as `[kv_heads, keys, head_dim]`.
@@ -262,32 +254,66 @@ pub fn attention_int8(
             BmmOutput::i32(acc, rows, nk),
         )?;
 
-        // Scores, softmax, and V's scales folded into the probabilities; row (g, i, gi).
+        // The block's keys' scales, per KV head and contiguous.
+        let key_scales = grow(&mut scratch.key_scales, kv_heads * nk);
+        let value_scales = grow(&mut scratch.value_scales, kv_heads * nk);
+        for (j, pos_scales) in kv.key_scales[k0 * kv_heads..(k0 + nk) * kv_heads]
+            .chunks_exact(kv_heads)
+            .enumerate()
+        {
+            for (g, &ks) in pos_scales.iter().enumerate() {
+                key_scales[g * nk + j] = ks * scale;
+            }
+        }
+        for (j, pos_scales) in kv.value_scales[k0 * kv_heads..(k0 + nk) * kv_heads]
+            .chunks_exact(kv_heads)
+            .enumerate()
+        {
+            for (g, &vs) in pos_scales.iter().enumerate() {
+                value_scales[g * nk + j] = vs;
+            }
+        }
+        let (key_scales, value_scales) = (&*key_scales, &*value_scales);
+
+        // Scores, softmax, V's scales folded into the probabilities and their quantization, one
+        // fused pass per row (g, i, gi) over the keys it sees; masked keys get code 0.
         let probs = grow(&mut scratch.probs, kv_heads * rows * nk);
+        let probs_q = grow(&mut scratch.probs_q, kv_heads * rows * nk);
+        let probs_scales = grow(&mut scratch.probs_scales, kv_heads * rows);
         probs
             .par_chunks_mut(nk)
+            .zip(probs_q.par_chunks_mut(nk))
+            .zip(probs_scales.par_iter_mut())
             .zip(acc.par_chunks(nk))
             .enumerate()
             .with_min_len(4)
-            .for_each(|(r, (p, a))| {
+            .try_for_each(|(r, (((p, codes), p_scale), a))| -> Result<()> {
                 let (g, rem) = (r / rows, r % rows);
                 let (i, h) = (r0 + rem / group, g * group + rem % group);
                 let pos = pos0 + i;
-                let dq = q_scales[i * heads + h];
-                for (j, (s, &acc)) in p.iter_mut().zip(a).enumerate() {
-                    let kp = k0 + j;
-                    let mut v = acc as f32 * (dq * kv.key_scales[kp * kv_heads + g]) * scale;
-                    if let Some(slopes) = alibi {
-                        v += slopes[h] * kp as f32;
-                    }
-                    *s = v;
-                }
                 let valid = first_key(pos, sliding_window) - k0..pos + 1 - k0;
-                softmax_fold(p, valid, |j| kv.value_scales[(k0 + j) * kv_heads + g]);
-            });
-        let probs_q = grow(&mut scratch.probs_q, kv_heads * rows * nk);
-        let probs_scales = grow(&mut scratch.probs_scales, kv_heads * rows);
-        quantize_per_token(probs, kv_heads * rows, nk, probs_q, probs_scales)?;
+                let keys = &key_scales[g * nk..(g + 1) * nk];
+                let alibi = alibi.map(|slopes| Alibi {
+                    slope: slopes[h],
+                    first: k0 + valid.start,
+                });
+                let p = &mut p[valid.clone()];
+                scores_from_i32(
+                    &a[valid.clone()],
+                    q_scales[i * heads + h],
+                    &keys[valid.clone()],
+                    alibi,
+                    p,
+                );
+                codes[..valid.start].fill(0);
+                codes[valid.end..].fill(0);
+                *p_scale = quantize_softmax_row(
+                    p,
+                    &value_scales[g * nk..(g + 1) * nk][valid.clone()],
+                    &mut codes[valid],
+                )?;
+                Ok(())
+            })?;
 
         let out_acc = grow(&mut scratch.out_acc, kv_heads * rows * hd);
         backend.bmm(
@@ -352,7 +378,6 @@ pub fn attention_fake_quant(
     let k_dq = dequant(kv.keys, kv.key_scales, n * kv_heads);
     let mut p = vec![0f32; n];
     let mut p_codes = vec![0i8; n];
-    let mut p_scale = [0f32];
     for i in 0..t {
         let pos = pos0 + i;
         for h in 0..heads {
@@ -366,14 +391,17 @@ pub fn attention_fake_quant(
                 }
                 *s = v;
             }
-            softmax_fold(&mut p, first_key(pos, sliding_window)..pos + 1, |j| {
-                kv.value_scales[j * kv_heads + g]
-            });
-            quantize_per_token(&p, 1, n, &mut p_codes, &mut p_scale)?;
+            let valid = first_key(pos, sliding_window)..pos + 1;
+            let fold: Vec<f32> = valid
+                .clone()
+                .map(|j| kv.value_scales[j * kv_heads + g])
+                .collect();
+            p_codes.fill(0);
+            let p_scale = quantize_softmax_row(&mut p[valid.clone()], &fold, &mut p_codes[valid])?;
             let o = &mut out[i * q_width + h * hd..][..hd];
             o.fill(0.0);
             for (kp, &c) in p_codes.iter().enumerate() {
-                let pv = c as f32 * p_scale[0];
+                let pv = c as f32 * p_scale;
                 let v = &kv.values[kp * kv_width + g * hd..][..hd];
                 for (o, &x) in o.iter_mut().zip(v) {
                     *o += pv * x as f32;
