@@ -73,6 +73,88 @@ unsafe fn scores_from_i32_avx512(
     scores_from_i32_loop(acc, q_scale, key_scales, alibi, out)
 }
 
+/// INT8 dot products of `q` with `out.len()` rows of `rows`, `stride` apart: `out[j] = Σ_d q[d]
+/// · rows[j · stride + d]`, exact in i32 (one query row's `Q·Kᵀ` over an INT8 KV cache, without
+/// packing the cache as a GEMM would). Vectorized for AVX-512 BW when the CPU has it.
+///
+/// # Panics
+/// When `rows` is shorter than the last row `out` asks for.
+pub fn dot_i8_rows(q: &[i8], rows: &[i8], stride: usize, out: &mut [i32]) {
+    if let Some(last) = out.len().checked_sub(1) {
+        assert!(
+            rows.len() >= last * stride + q.len(),
+            "dot_i8_rows: rows too short"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has AVX-512 BW (and F).
+        return unsafe { dot_i8_rows_avx512(q, rows, stride, out) };
+    }
+    dot_i8_rows_loop(q, rows, stride, out)
+}
+
+/// `out[d] = Σ_j w[j] · rows[j · stride + d]` over `w.len()` rows, exact in i32: one row of an
+/// INT8 `P·V` over an INT8 KV cache (zero weights, most of a long softmax row, are skipped).
+///
+/// # Panics
+/// When `rows` is shorter than the last row `w` asks for.
+pub fn weighted_sum_i8_rows(w: &[i8], rows: &[i8], stride: usize, out: &mut [i32]) {
+    if let Some(last) = w.len().checked_sub(1) {
+        assert!(
+            rows.len() >= last * stride + out.len(),
+            "weighted_sum_i8_rows: rows too short"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has AVX-512 BW (and F).
+        return unsafe { weighted_sum_i8_rows_avx512(w, rows, stride, out) };
+    }
+    weighted_sum_i8_rows_loop(w, rows, stride, out)
+}
+
+#[inline(always)]
+fn dot_i8_rows_loop(q: &[i8], rows: &[i8], stride: usize, out: &mut [i32]) {
+    let d = q.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let row = &rows[j * stride..][..d];
+        // i16 products summed in i32: the shape of `vpmaddwd`.
+        *o = q
+            .iter()
+            .zip(row)
+            .map(|(&a, &b)| (a as i16 * b as i16) as i32)
+            .sum();
+    }
+}
+
+#[inline(always)]
+fn weighted_sum_i8_rows_loop(w: &[i8], rows: &[i8], stride: usize, out: &mut [i32]) {
+    let d = out.len();
+    out.fill(0);
+    for (j, &wj) in w.iter().enumerate() {
+        if wj == 0 {
+            continue;
+        }
+        let wj = wj as i32;
+        for (o, &v) in out.iter_mut().zip(&rows[j * stride..][..d]) {
+            *o += wj * v as i32;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn dot_i8_rows_avx512(q: &[i8], rows: &[i8], stride: usize, out: &mut [i32]) {
+    dot_i8_rows_loop(q, rows, stride, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn weighted_sum_i8_rows_avx512(w: &[i8], rows: &[i8], stride: usize, out: &mut [i32]) {
+    weighted_sum_i8_rows_loop(w, rows, stride, out)
+}
+
 /// Lanes of the portable dot products (independent partial sums, one vector register).
 const LANES: usize = 16;
 
@@ -255,6 +337,48 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn int8_row_products_are_exact() {
+        let val = |i: usize| ((i.wrapping_mul(2654435761) >> 7) % 255) as i32 as i8;
+        for (n, d, stride) in [
+            (1usize, 1usize, 1usize),
+            (5, 64, 192),
+            (37, 80, 80),
+            (200, 17, 40),
+        ] {
+            let rows: Vec<i8> = (0..(n - 1) * stride + d.max(1))
+                .map(|i| val(i + 3))
+                .collect();
+            let q: Vec<i8> = (0..d).map(|i| val(i * 7 + 1)).collect();
+            let mut dots = vec![7i32; n];
+            dot_i8_rows(&q, &rows, stride, &mut dots);
+            let mut w: Vec<i8> = (0..n).map(|j| val(j * 13)).collect();
+            w[0] = 0;
+            let mut sums = vec![7i32; d];
+            weighted_sum_i8_rows(&w, &rows, stride, &mut sums);
+            for j in 0..n {
+                let want: i32 = (0..d)
+                    .map(|e| q[e] as i32 * rows[j * stride + e] as i32)
+                    .sum();
+                assert_eq!(dots[j], want, "n {n} d {d} j {j}");
+            }
+            for e in 0..d {
+                let want: i32 = (0..n)
+                    .map(|j| w[j] as i32 * rows[j * stride + e] as i32)
+                    .sum();
+                assert_eq!(sums[e], want, "n {n} d {d} e {e}");
+            }
+        }
+        // Extremes: -128 never occurs in codes, -127 * -127 sums stay exact.
+        let rows = vec![-127i8; 64 * 3];
+        let mut dots = [0i32; 3];
+        dot_i8_rows(&[-127i8; 64], &rows, 64, &mut dots);
+        assert_eq!(dots, [64 * 16129; 3]);
+        let mut sums = [0i32; 64];
+        weighted_sum_i8_rows(&[127i8; 3], &rows, 64, &mut sums);
+        assert_eq!(sums, [-3 * 16129; 64]);
+    }
 
     #[test]
     fn scores_from_i32_match_the_scalar_formula() {

@@ -16,7 +16,7 @@
 use crate::layers::AttentionShape;
 use crate::Result;
 use rayon::prelude::*;
-use sq_kernels::attention::{scores_from_i32, Alibi};
+use sq_kernels::attention::{dot_i8_rows, scores_from_i32, weighted_sum_i8_rows, Alibi};
 use sq_kernels::{quantize_per_token, quantize_softmax_row, BatchedI8, BmmOutput, Int8Gemm};
 use std::sync::Arc;
 
@@ -154,6 +154,11 @@ pub struct Int8AttentionScratch {
     out_acc: Vec<i32>,
 }
 
+/// Up to this many query rows (decode, short chunks) [`attention_int8`] reads the cache rows in
+/// place ([`dot_i8_rows`], [`weighted_sum_i8_rows`]) instead of packing them for the batched
+/// GEMM: for one row the packing costs as much as the product.
+const DIRECT_ROWS: usize = 4;
+
 /// Query rows per causal block of [`attention_int8`].
 const CAUSAL_BLOCK: usize = 64;
 
@@ -193,6 +198,24 @@ fn cache_heads(
 /// and sliding windows as [`crate::layers::attention`]. Both products run on `backend.bmm`,
 /// one call each for all heads.
 pub fn attention_int8(
+    q: &[f32],
+    kv: Int8KvLayer<'_>,
+    shape: &AttentionShape,
+    alibi: Option<&[f32]>,
+    out: &mut [f32],
+    backend: &dyn Int8Gemm,
+    scratch: &mut Int8AttentionScratch,
+) -> Result<()> {
+    let (heads, hd) = (shape.heads, shape.head_dim);
+    if q.len() <= DIRECT_ROWS * heads * hd {
+        attention_int8_direct(q, kv, shape, alibi, out, scratch)
+    } else {
+        attention_int8_blocked(q, kv, shape, alibi, out, backend, scratch)
+    }
+}
+
+/// [`attention_int8`] on the batched GEMM, in causal blocks of query rows.
+fn attention_int8_blocked(
     q: &[f32],
     kv: Int8KvLayer<'_>,
     shape: &AttentionShape,
@@ -254,25 +277,9 @@ pub fn attention_int8(
             BmmOutput::i32(acc, rows, nk),
         )?;
 
-        // The block's keys' scales, per KV head and contiguous.
         let key_scales = grow(&mut scratch.key_scales, kv_heads * nk);
         let value_scales = grow(&mut scratch.value_scales, kv_heads * nk);
-        for (j, pos_scales) in kv.key_scales[k0 * kv_heads..(k0 + nk) * kv_heads]
-            .chunks_exact(kv_heads)
-            .enumerate()
-        {
-            for (g, &ks) in pos_scales.iter().enumerate() {
-                key_scales[g * nk + j] = ks * scale;
-            }
-        }
-        for (j, pos_scales) in kv.value_scales[k0 * kv_heads..(k0 + nk) * kv_heads]
-            .chunks_exact(kv_heads)
-            .enumerate()
-        {
-            for (g, &vs) in pos_scales.iter().enumerate() {
-                value_scales[g * nk + j] = vs;
-            }
-        }
+        gather_scales(kv, k0, nk, kv_heads, scale, key_scales, value_scales);
         let (key_scales, value_scales) = (&*key_scales, &*value_scales);
 
         // Scores, softmax, V's scales folded into the probabilities and their quantization, one
@@ -339,6 +346,100 @@ pub fn attention_int8(
             });
     }
     Ok(())
+}
+
+/// [`attention_int8`] for a few query rows: each (row, head) reads the cache's codes in place.
+/// The integer products equal the batched GEMM's, so the result is the same bit for bit.
+fn attention_int8_direct(
+    q: &[f32],
+    kv: Int8KvLayer<'_>,
+    shape: &AttentionShape,
+    alibi: Option<&[f32]>,
+    out: &mut [f32],
+    scratch: &mut Int8AttentionScratch,
+) -> Result<()> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        pos0,
+        scale,
+        sliding_window,
+    } = *shape;
+    let q_width = heads * hd;
+    let kv_width = kv_heads * hd;
+    let group = heads / kv_heads;
+    let t = q.len() / q_width;
+    let q_codes = grow(&mut scratch.q_token_major, t * q_width);
+    let q_scales = grow(&mut scratch.q_scales, t * heads);
+    quantize_per_token(q, t * heads, hd, q_codes, q_scales)?;
+    let (q_codes, q_scales) = (&*q_codes, &*q_scales);
+    let k0 = first_key(pos0, sliding_window);
+    let nk = pos0 + t - k0;
+    let key_scales = grow(&mut scratch.key_scales, kv_heads * nk);
+    let value_scales = grow(&mut scratch.value_scales, kv_heads * nk);
+    gather_scales(kv, k0, nk, kv_heads, scale, key_scales, value_scales);
+    let (key_scales, value_scales) = (&*key_scales, &*value_scales);
+    // Per (row, head): i32 scores, f32 softmax work, P codes, and P·V sums.
+    let jobs = t * heads;
+    let acc = grow(&mut scratch.scores_acc, jobs * nk);
+    let probs = grow(&mut scratch.probs, jobs * nk);
+    let probs_q = grow(&mut scratch.probs_q, jobs * nk);
+    let out_acc = grow(&mut scratch.out_acc, jobs * hd);
+    out.par_chunks_mut(hd)
+        .zip(out_acc.par_chunks_mut(hd))
+        .zip(acc.par_chunks_mut(nk))
+        .zip(probs.par_chunks_mut(nk).zip(probs_q.par_chunks_mut(nk)))
+        .enumerate()
+        .try_for_each(|(r, (((o, o_acc), a), (p, codes)))| -> Result<()> {
+            let (i, h) = (r / heads, r % heads);
+            let g = h / group;
+            let pos = pos0 + i;
+            let valid = first_key(pos, sliding_window) - k0..pos + 1 - k0;
+            let rows = &kv.keys[(k0 + valid.start) * kv_width + g * hd..];
+            let a = &mut a[valid.clone()];
+            dot_i8_rows(&q_codes[r * hd..(r + 1) * hd], rows, kv_width, a);
+            let p = &mut p[valid.clone()];
+            let alibi = alibi.map(|slopes| Alibi {
+                slope: slopes[h],
+                first: k0 + valid.start,
+            });
+            let keys = &key_scales[g * nk..(g + 1) * nk];
+            scores_from_i32(a, q_scales[r], &keys[valid.clone()], alibi, p);
+            let codes = &mut codes[valid.clone()];
+            let values = &value_scales[g * nk..(g + 1) * nk];
+            let p_scale = quantize_softmax_row(p, &values[valid.clone()], codes)?;
+            let rows = &kv.values[(k0 + valid.start) * kv_width + g * hd..];
+            weighted_sum_i8_rows(codes, rows, kv_width, o_acc);
+            for (o, &s) in o.iter_mut().zip(o_acc.iter()) {
+                *o = s as f32 * p_scale;
+            }
+            Ok(())
+        })
+}
+
+/// The scales of cache positions `k0..k0 + nk` as `[kv_heads, nk]` rows (keys times the
+/// softmax scale), so the per-row loops read them contiguously.
+fn gather_scales(
+    kv: Int8KvLayer<'_>,
+    k0: usize,
+    nk: usize,
+    kv_heads: usize,
+    scale: f32,
+    key_scales: &mut [f32],
+    value_scales: &mut [f32],
+) {
+    let range = k0 * kv_heads..(k0 + nk) * kv_heads;
+    for (j, (ks, vs)) in kv.key_scales[range.clone()]
+        .chunks_exact(kv_heads)
+        .zip(kv.value_scales[range].chunks_exact(kv_heads))
+        .enumerate()
+    {
+        for g in 0..kv_heads {
+            key_scales[g * nk + j] = ks[g] * scale;
+            value_scales[g * nk + j] = vs[g];
+        }
+    }
 }
 
 /// The oracle of [`attention_int8`]: Q, K and V quantized and dequantized exactly as there,
@@ -497,6 +598,51 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The direct path (a few query rows) and the batched-GEMM path give the same bits.
+    #[test]
+    fn direct_and_blocked_paths_agree_exactly() {
+        let backend = sq_kernels::select_backend().unwrap();
+        for (heads, kv_heads, hd, pos0, t, window, with_alibi) in [
+            (6, 2, 8, 0, 1, None, false),
+            (6, 2, 8, 11, 4, Some(5), true),
+            (9, 3, 64, 40, 3, None, false),
+            (4, 4, 16, 70, 1, None, true),
+        ] {
+            let n = pos0 + t;
+            let store = cache(kv_heads, hd, n, &[n]);
+            let q: Vec<f32> = (0..t * heads * hd).map(|i| val(i) * 1.3).collect();
+            let slopes = crate::config::alibi_slopes(heads);
+            let alibi = with_alibi.then_some(slopes.as_slice());
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                pos0,
+                scale: 0.3,
+                sliding_window: window,
+            };
+            let mut direct = vec![f32::NAN; q.len()];
+            let mut blocked = vec![f32::NAN; q.len()];
+            let mut scratch = Int8AttentionScratch::default();
+            attention_int8_direct(&q, store.layer(0), &shape, alibi, &mut direct, &mut scratch)
+                .unwrap();
+            attention_int8_blocked(
+                &q,
+                store.layer(0),
+                &shape,
+                alibi,
+                &mut blocked,
+                backend.as_ref(),
+                &mut scratch,
+            )
+            .unwrap();
+            assert_eq!(
+                direct, blocked,
+                "heads {heads}/{kv_heads} pos0 {pos0} t {t}"
+            );
         }
     }
 
