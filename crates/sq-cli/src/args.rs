@@ -185,12 +185,9 @@ pub struct QuantArgs {
 
     /// Which Linear inputs to smooth: `all` also smooths the attention output and last MLP
     /// projections (folded into the value / up / fc1 rows, or divided at run time); `paper`
-    /// smooths only the Linears after a norm, exactly as the paper and the official code.
-    /// Default: all for a per-group alpha (auto, a table) or per-tensor activations (O2, O3) or
-    /// with --smooth-fold; paper for one fixed alpha with per-token activations, whose outliers
-    /// per-token scales already isolate
-    #[arg(long, value_enum, value_name = "paper|all")]
-    pub smooth_targets: Option<SmoothTargets>,
+    /// smooths only the Linears after a norm, exactly as the paper and the official code
+    #[arg(long, value_enum, default_value_t = SmoothTargets::All)]
+    pub smooth_targets: SmoothTargets,
 
     /// Where `1/s` goes for the smoothed inputs that do not follow a norm (`--smooth-targets
     /// all`): `rows` folds it into the producing Linear's output rows (value / up / fc1; free at

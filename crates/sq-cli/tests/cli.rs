@@ -167,8 +167,7 @@ fn calibrate_then_eval_every_scheme() {
     assert_eq!(rows[1]["alpha"], serde_json::Value::Null);
     assert_eq!(rows[2]["alpha"], 0.5);
     assert_eq!(rows[2]["acts"], "token");
-    // A fixed alpha with per-token activations smooths the paper's targets by default.
-    assert_eq!(rows[2]["smooth_targets"], "paper");
+    assert_eq!(rows[2]["smooth_targets"], "all");
     // W8A8 stays close to fp32 on this model.
     let fp = rows[0]["perplexity"].as_f64().unwrap();
     for r in &rows[1..] {
@@ -467,26 +466,13 @@ fn smooth_fold_runtime_round_trips() {
         reloaded["results"][0]["perplexity"], row["perplexity"],
         "{reloaded} vs {in_memory}"
     );
-    // The default fold is rows, which changes the model's INT8 weights (so its perplexity).
+    // The default folds into rows, and changes the model's INT8 weights (so its perplexity).
     let mut args = vec!["eval", "--scheme", "smoothquant"];
     args.extend(window);
     args.extend(&common[..common.len() - 2]);
-    args.extend(["--smooth-targets", "all"]);
     let rows = json(&run(&args));
     assert_eq!(rows["results"][0]["smooth_fold"], "rows", "{rows}");
     assert_ne!(rows["results"][0]["perplexity"], row["perplexity"]);
-    // Without --smooth-fold or --smooth-targets, a fixed alpha with per-token activations (O1)
-    // smooths only the norm groups, so there is no fold to report.
-    let mut args = vec!["eval", "--scheme", "smoothquant"];
-    args.extend(window);
-    args.extend(&common[..common.len() - 2]);
-    let paper = json(&run(&args));
-    assert_eq!(paper["results"][0]["smooth_targets"], "paper", "{paper}");
-    assert_eq!(paper["results"][0]["smooth_fold"], serde_json::Value::Null);
-    assert_ne!(
-        paper["results"][0]["perplexity"],
-        rows["results"][0]["perplexity"]
-    );
     // compressed-tensors cannot express the divide.
     let ct = dir.path().join("ct");
     let mut args = vec![

@@ -352,20 +352,12 @@ fn hf_fixtures_export_reload_and_match() {
         } else {
             "smoothquant"
         };
-        // Every Linear input smoothed (the rows folds), except on BLOOM: its dense_4h_to_h
-        // smooths by a run-time divide under `--smooth-targets all`, which the layout cannot
-        // hold: refused by name; the default for a fixed alpha with per-token activations
-        // (the paper's targets) then exports.
+        // BLOOM's dense_4h_to_h smooths by a run-time divide under the default
+        // `--smooth-targets all`, which the layout cannot hold: refused by name, then `paper`.
         let mut extra = vec!["--scheme", scheme];
-        let targets: &[&str] = match name {
-            "bloom" | "opt-project" => &[],
-            _ => &["--smooth-targets", "all"],
-        };
-        extra.extend(targets);
         if name == "bloom" {
-            let all = [&extra[..], &["--smooth-targets", "all"]].concat();
             let refused = run(&with_calib(
-                &quantize_args(Some(s(&model)), &all, s(&out)),
+                &quantize_args(Some(s(&model)), &extra, s(&out)),
                 &calib,
             ));
             assert_eq!(refused.status.code(), Some(1));
@@ -375,6 +367,7 @@ fn hf_fixtures_export_reload_and_match() {
                 "{err}"
             );
             assert!(!out.exists());
+            extra.extend(["--smooth-targets", "paper"]);
         }
         json(&run(&with_calib(
             &quantize_args(Some(s(&model)), &extra, s(&out)),
@@ -436,7 +429,9 @@ fn hf_fixtures_export_reload_and_match() {
             "--calib-seq-len",
             "64",
         ];
-        in_memory_args.extend(targets);
+        if name == "bloom" {
+            in_memory_args.extend(["--smooth-targets", "paper"]);
+        }
         let (in_memory, _) = eval_ppl(&in_memory_args, "64", &data);
         assert!(
             (reloaded - in_memory).abs() <= 1e-9 * in_memory,

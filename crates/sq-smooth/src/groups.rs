@@ -11,7 +11,7 @@
 //!   `dense_4h_to_h`) the divide happens at run time, fused into the activation quantizer.
 
 use crate::{Result, SmoothError};
-use sq_model::{Activation, Architecture, Model, ModelConfig};
+use sq_model::{Activation, Architecture, Model};
 
 /// Which Linears are smoothed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -24,34 +24,6 @@ pub enum SmoothTargets {
 }
 
 impl SmoothTargets {
-    /// The targets to use when the user names none, for a recipe's activation policy.
-    ///
-    /// - A per-group α (`per_group`: a search such as `--alpha auto`, or a table) gets
-    ///   [`SmoothTargets::All`]: it decides per group, and leaving a group unsmoothed is one of
-    ///   its choices.
-    /// - A fixed α with per-tensor activations (dynamic or static) gets `All`: there one outlier
-    ///   channel of the attention output or the last MLP input sets the scale of every token.
-    /// - A fixed α with per-token activations gets [`SmoothTargets::Paper`]: those inputs'
-    ///   outliers sit on a few tokens, which per-token scales already isolate, and migrating
-    ///   them moves magnitudes of order 100 into the weight columns instead. On SmolLM2 with
-    ///   per-tensor weights (O1) smoothing them at α 0.5 lost to no smoothing at all;
-    ///   docs/results.md has the table.
-    ///
-    /// A model whose norms cannot take the scales (see [`paper_groups`]) always gets `All`,
-    /// which for it smooths only the inputs no norm produces.
-    pub fn default_for(
-        config: &ModelConfig,
-        acts: crate::ActPolicy,
-        per_group: bool,
-    ) -> SmoothTargets {
-        match (per_group, acts) {
-            (false, crate::ActPolicy::Token) if norm_fold_refusal(config).is_none() => {
-                SmoothTargets::Paper
-            }
-            _ => SmoothTargets::All,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             SmoothTargets::Paper => "paper",
@@ -330,7 +302,8 @@ impl BeyondFold {
 }
 
 /// Why a model's norms cannot absorb smoothing scales, if they cannot.
-fn norm_fold_refusal(cfg: &ModelConfig) -> Option<&'static str> {
+fn norm_fold_refusal(model: &Model) -> Option<&'static str> {
+    let cfg = &model.config;
     if !cfg.pre_norm {
         return Some(
             "this OPT model applies its LayerNorms after the residual add (do_layer_norm_before = false, \
@@ -360,7 +333,7 @@ pub fn paper_groups(model: &Model) -> Result<Vec<SmoothGroup>> {
 /// not fold into a norm.
 pub fn smoothing_groups(model: &Model, targets: SmoothTargets) -> Result<Vec<SmoothGroup>> {
     let cfg = &model.config;
-    let refusal = norm_fold_refusal(cfg);
+    let refusal = norm_fold_refusal(model);
     if let (Some(reason), SmoothTargets::Paper) = (refusal, targets) {
         return Err(SmoothError::Unsupported(format!(
             "{reason}. Use --scheme naive, or --smooth-targets all, which smooths only the inputs \

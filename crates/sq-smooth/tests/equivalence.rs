@@ -285,35 +285,6 @@ fn post_norm_models_are_refused_clearly() {
     }
 }
 
-/// The default targets: the paper's for one fixed α with per-token activations, all for a
-/// per-group α or per-tensor activations, and all for models whose norms cannot take scales
-/// (so the default never refuses a model).
-#[test]
-fn default_targets_follow_the_recipe_and_the_model() {
-    use sq_smooth::ActPolicy;
-    let llama = load_hf_dir(&fixture("llama-gqa")).unwrap().model.config;
-    let cases = [
-        (ActPolicy::Token, false, SmoothTargets::Paper),
-        (ActPolicy::Token, true, SmoothTargets::All),
-        (ActPolicy::Tensor, false, SmoothTargets::All),
-        (ActPolicy::Static, false, SmoothTargets::All),
-        (ActPolicy::Static, true, SmoothTargets::All),
-    ];
-    for (acts, per_group, expected) in cases {
-        assert_eq!(
-            SmoothTargets::default_for(&llama, acts, per_group),
-            expected,
-            "{acts:?} per_group={per_group}"
-        );
-    }
-    for name in ["opt-postnorm", "opt-project"] {
-        let loaded = load_hf_dir(&fixture(name)).unwrap();
-        let targets = SmoothTargets::default_for(&loaded.model.config, ActPolicy::Token, false);
-        assert_eq!(targets, SmoothTargets::All, "{name}");
-        assert!(smoothing_groups(&loaded.model, targets).is_ok());
-    }
-}
-
 #[test]
 fn group_tables_name_hugging_face_modules() {
     let loaded = load_hf_dir(&fixture("bloom")).unwrap();

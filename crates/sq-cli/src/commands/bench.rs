@@ -100,7 +100,6 @@ pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
             let mut row = super::pipeline::scheme_fields_for(
                 *scheme,
                 &a.quant,
-                &loaded.model.config,
                 loaded.quantization.as_ref(),
             )?;
             row.remove("smooth_targets");

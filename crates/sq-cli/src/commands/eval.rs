@@ -50,12 +50,8 @@ pub fn run(a: EvalArgs, device: sq_model::Device) -> Result<()> {
             pb.set_position((done * a.seq_len) as u64)
         })?;
         pb.finish_and_clear();
-        let mut row = super::pipeline::scheme_fields_for(
-            *scheme,
-            &a.quant,
-            &loaded.model.config,
-            loaded.quantization.as_ref(),
-        )?;
+        let mut row =
+            super::pipeline::scheme_fields_for(*scheme, &a.quant, loaded.quantization.as_ref())?;
         row.insert("perplexity".into(), p.perplexity.into());
         if let Some(reference) = &reference {
             let pb = token_bar(

@@ -76,7 +76,7 @@ fn quant_args(a: &InspectArgs) -> crate::args::QuantArgs {
         acts: crate::args::ActGranularity::Token,
         preset: None,
         alpha: a.alpha.clone(),
-        smooth_targets: Some(a.smooth_targets),
+        smooth_targets: a.smooth_targets,
         smooth_fold: None,
         calib: a.calib.clone(),
         act_scales: a.act_scales.clone(),
@@ -132,10 +132,7 @@ fn outlier_stats(
     let mut after = before.clone();
     // Smoothing the model (a copy held only by this command) updates the statistics to what
     // the smoothed model's Linears see.
-    match sq_smooth::smoothing_groups(
-        &loaded.model,
-        super::pipeline::targets(q, &loaded.model.config),
-    ) {
+    match sq_smooth::smoothing_groups(&loaded.model, q.smooth_targets.into()) {
         Ok(groups) => {
             sq_smooth::smooth_model(&mut loaded.model, &groups, &mut after, &alpha).with_context(
                 || "cannot smooth the model with these statistics (were they calibrated on it?)",

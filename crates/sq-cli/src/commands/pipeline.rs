@@ -30,18 +30,6 @@ pub fn recipe(q: &QuantArgs) -> Recipe {
     }
 }
 
-/// `--smooth-targets`, or the default for this recipe and `--alpha`
-/// ([`sq_smooth::SmoothTargets::default_for`]; `auto` and a table file are per group).
-/// `--smooth-fold` concerns only the groups after no norm, so naming it asks for them: all.
-pub fn targets(q: &QuantArgs, config: &sq_model::ModelConfig) -> sq_smooth::SmoothTargets {
-    let per_group = q.alpha.trim().parse::<f32>().is_err();
-    match (q.smooth_targets, q.smooth_fold) {
-        (Some(t), _) => t.into(),
-        (None, Some(_)) => sq_smooth::SmoothTargets::All,
-        (None, None) => sq_smooth::SmoothTargets::default_for(config, recipe(q).acts, per_group),
-    }
-}
-
 /// Whether `--alpha auto` was asked for.
 pub fn is_auto(q: &QuantArgs) -> bool {
     q.alpha.trim() == "auto"
@@ -204,7 +192,7 @@ const AUTO_SCORE_WINDOWS: usize = 16;
 
 /// The smoothing groups of `--smooth-targets`, with `--smooth-fold` applied.
 pub fn groups_for(model: &sq_model::Model, q: &QuantArgs) -> Result<Vec<sq_smooth::SmoothGroup>> {
-    let groups = smoothing_groups(model, targets(q, &model.config))?;
+    let groups = smoothing_groups(model, q.smooth_targets.into())?;
     Ok(sq_smooth::BeyondFold::from(q.smooth_fold.unwrap_or(SmoothFold::Rows)).apply(&groups))
 }
 
@@ -212,10 +200,9 @@ pub fn groups_for(model: &sq_model::Model, q: &QuantArgs) -> Result<Vec<sq_smoot
 /// `--alpha auto`'s choice (`auto`), else rows; none for `--smooth-targets paper`.
 pub fn reported_fold(
     q: &QuantArgs,
-    targets: sq_smooth::SmoothTargets,
     auto: Option<sq_smooth::BeyondFold>,
 ) -> Option<sq_smooth::BeyondFold> {
-    (targets == sq_smooth::SmoothTargets::All)
+    (sq_smooth::SmoothTargets::from(q.smooth_targets) == sq_smooth::SmoothTargets::All)
         .then(|| q.smooth_fold.map(Into::into).or(auto).unwrap_or_default())
 }
 
@@ -398,7 +385,7 @@ pub fn build(
         } else {
             (alpha(q)?, groups, None)
         };
-        smooth_fold = reported_fold(q, targets(q, &loaded.model.config), auto_fold);
+        smooth_fold = reported_fold(q, auto_fold);
         let _span = tracing::info_span!("smooth", groups = groups.len()).entered();
         smoothing = smooth_model(&mut loaded.model, &groups, &mut stats, &spec)?;
         unsmoothed = spec.unsmoothed().into_iter().map(str::to_string).collect();
@@ -438,7 +425,6 @@ pub fn build(
 pub fn scheme_fields_for(
     scheme: Scheme,
     q: &QuantArgs,
-    config: &sq_model::ModelConfig,
     checkpoint: Option<&sq_model::native::NativeQuantConfig>,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     if let Some(qc) = checkpoint {
@@ -478,7 +464,7 @@ pub fn scheme_fields_for(
     };
     m.insert("weights".into(), w);
     m.insert("acts".into(), a);
-    let targets = serde_json::Value::from(targets(q, config).name());
+    let targets = serde_json::Value::from(sq_smooth::SmoothTargets::from(q.smooth_targets).name());
     let (alpha, targets) = match scheme {
         Scheme::SmoothQuant if is_auto(q) => (serde_json::Value::from("auto"), targets),
         Scheme::SmoothQuant => (alpha_json(&alpha(q)?), targets),

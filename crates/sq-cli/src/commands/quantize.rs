@@ -94,7 +94,7 @@ fn stream_layers(
         stats: given,
         smoothing: alpha_spec.map(|s| {
             (
-                super::pipeline::targets(&a.quant, &model.shell.config),
+                a.quant.smooth_targets.into(),
                 a.quant.smooth_fold.map(Into::into).unwrap_or_default(),
                 s.clone(),
             )
@@ -177,8 +177,11 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     };
     let show = show_progress(a.json);
     let recipe = recipe(&a.quant);
+    let targets = sq_smooth::SmoothTargets::from(a.quant.smooth_targets);
     let stream = should_stream(&a.model, a.stream || a.sequential, show)?;
-    let mut auto_fold = None;
+    let mut smooth_fold = alpha_spec
+        .as_ref()
+        .and_then(|_| super::pipeline::reported_fold(&a.quant, None));
     let (output, results, spec) = if stream {
         let streamed = stream_layers(&a, scheme, alpha_spec.as_ref(), &recipe, show)?;
         let spec = alpha_spec.clone();
@@ -208,7 +211,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
                     runtime_allowed,
                     show,
                 )?;
-                auto_fold = Some(fold);
+                smooth_fold = super::pipeline::reported_fold(&a.quant, Some(fold));
                 (spec, groups)
             } else {
                 (spec.clone(), groups)
@@ -229,16 +232,6 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         (Output::Streamed(s), _) => alpha_spec.as_ref().map(|_| s.outcome.smoothing.clone()),
         (_, r) => r,
     };
-    let targets = super::pipeline::targets(
-        &a.quant,
-        match &output {
-            Output::Streamed(s) => &s.model.shell.config,
-            Output::InMemory { loaded, .. } => &loaded.model.config,
-        },
-    );
-    let smooth_fold = alpha_spec
-        .as_ref()
-        .and_then(|_| super::pipeline::reported_fold(&a.quant, targets, auto_fold));
     let mut record = serde_json::Map::new();
     let mut alphas = serde_json::Map::new();
     let mut folds = serde_json::Map::new();
