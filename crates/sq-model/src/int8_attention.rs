@@ -380,33 +380,35 @@ fn attention_int8_direct(
     let value_scales = grow(&mut scratch.value_scales, kv_heads * nk);
     gather_scales(kv, k0, nk, kv_heads, scale, key_scales, value_scales);
     let (key_scales, value_scales) = (&*key_scales, &*value_scales);
-    // Per (row, head): i32 scores, f32 softmax work, P codes, and P·V sums.
-    let jobs = t * heads;
-    let acc = grow(&mut scratch.scores_acc, jobs * nk);
-    let probs = grow(&mut scratch.probs, jobs * nk);
-    let probs_q = grow(&mut scratch.probs_q, jobs * nk);
-    let out_acc = grow(&mut scratch.out_acc, jobs * hd);
-    out.par_chunks_mut(hd)
-        .zip(out_acc.par_chunks_mut(hd))
-        .zip(acc.par_chunks_mut(nk))
-        .zip(probs.par_chunks_mut(nk).zip(probs_q.par_chunks_mut(nk)))
-        .enumerate()
-        .try_for_each(|(r, (((o, o_acc), a), (p, codes)))| -> Result<()> {
-            let (i, h) = (r / heads, r % heads);
-            let g = h / group;
-            let pos = pos0 + i;
-            let valid = first_key(pos, sliding_window) - k0..pos + 1 - k0;
+    // One unit per (row, head), its i32 scores, softmax row, P codes and P·V sums in this
+    // thread's scratch.
+    let unit = |r: usize, o: &mut [f32]| -> Result<()> {
+        let (i, h) = (r / heads, r % heads);
+        let g = h / group;
+        let pos = pos0 + i;
+        let valid = first_key(pos, sliding_window) - k0..pos + 1 - k0;
+        let n = valid.len();
+        crate::scratch::with_scratch(&ROW, |row| {
+            let RowScratch {
+                acc,
+                probs,
+                codes,
+                out_acc,
+            } = row;
+            let (a, p, codes, o_acc) = (
+                grow(acc, n),
+                grow(probs, n),
+                grow(codes, n),
+                grow(out_acc, hd),
+            );
             let rows = &kv.keys[(k0 + valid.start) * kv_width + g * hd..];
-            let a = &mut a[valid.clone()];
             dot_i8_rows(&q_codes[r * hd..(r + 1) * hd], rows, kv_width, a);
-            let p = &mut p[valid.clone()];
             let alibi = alibi.map(|slopes| Alibi {
                 slope: slopes[h],
                 first: k0 + valid.start,
             });
             let keys = &key_scales[g * nk..(g + 1) * nk];
             scores_from_i32(a, q_scales[r], &keys[valid.clone()], alibi, p);
-            let codes = &mut codes[valid.clone()];
             let values = &value_scales[g * nk..(g + 1) * nk];
             let p_scale = quantize_softmax_row(p, &values[valid.clone()], codes)?;
             let rows = &kv.values[(k0 + valid.start) * kv_width + g * hd..];
@@ -416,6 +418,39 @@ fn attention_int8_direct(
             }
             Ok(())
         })
+    };
+    let work = t * heads * nk * hd;
+    if crate::layers::parallel_attention(work) {
+        // The spinning team, as the f32 decode attention: a rayon fork from the calling thread
+        // costs two context switches a layer, more than a head's work.
+        let failed = std::sync::Mutex::new(None);
+        sq_kernels::team::run_chunks_mut(out, hd, rayon::current_num_threads(), &|r, o| {
+            if let Err(e) = unit(r, o) {
+                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
+        });
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    } else {
+        out.chunks_exact_mut(hd)
+            .enumerate()
+            .try_for_each(|(r, o)| unit(r, o))
+    }
+}
+
+/// Per-thread work space of one (row, head) of [`attention_int8_direct`].
+#[derive(Default)]
+struct RowScratch {
+    acc: Vec<i32>,
+    probs: Vec<f32>,
+    codes: Vec<i8>,
+    out_acc: Vec<i32>,
+}
+
+thread_local! {
+    static ROW: std::cell::RefCell<RowScratch> = std::cell::RefCell::new(RowScratch::default());
 }
 
 /// The scales of cache positions `k0..k0 + nk` as `[kv_heads, nk]` rows (keys times the

@@ -394,7 +394,7 @@ pub fn attention(
 /// Multiply-adds of q·k and P·V below which [`attention`] stays on the calling thread.
 pub const PARALLEL_ATTENTION_WORK: usize = 1 << 17;
 
-fn parallel_attention(work: usize) -> bool {
+pub(crate) fn parallel_attention(work: usize) -> bool {
     work >= PARALLEL_ATTENTION_WORK && rayon::current_num_threads() > 1
 }
 
