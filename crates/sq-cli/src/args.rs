@@ -400,6 +400,10 @@ pub struct BenchArgs {
     /// Tokens to decode after each prompt
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub gen_tokens: usize,
+    /// Then load every scheme at once and run them in turn N times per prompt length: each
+    /// scheme's speed-up over the first, as the median of N ratios of runs seconds apart
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub pairs: usize,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,

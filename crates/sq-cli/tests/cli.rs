@@ -280,6 +280,65 @@ fn inspect_and_bench_json() {
     }
 }
 
+/// `bench --pairs`: every scheme after the first gets one row per prompt length with the
+/// median and range of its per-round speed-ups, consistent with each other.
+#[test]
+fn bench_pairs_reports_per_round_speedups() {
+    let calib = assets().join("calib.txt");
+    let v = json(&run(&[
+        "bench",
+        "--prompt-len",
+        "16,32",
+        "--gen-tokens",
+        "4",
+        "--scheme",
+        "fp32,naive,smoothquant",
+        "--calib-data",
+        calib.to_str().unwrap(),
+        "--pairs",
+        "3",
+        "--json",
+    ]));
+    assert_eq!(v["results"].as_array().unwrap().len(), 6);
+    let rows = v["paired"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for r in rows {
+        has_keys(
+            r,
+            &[
+                "scheme",
+                "baseline",
+                "prompt_len",
+                "pairs",
+                "prefill_speedup",
+                "prefill_speedup_min",
+                "prefill_speedup_max",
+                "decode_speedup",
+                "decode_speedup_min",
+                "decode_speedup_max",
+                "prefill_tokens_per_s",
+                "baseline_prefill_tokens_per_s",
+            ],
+        );
+        assert_eq!(r["baseline"], "fp32");
+        assert_eq!(r["pairs"], 3);
+        assert_ne!(r["scheme"], "fp32");
+        for key in ["prefill_speedup", "decode_speedup"] {
+            let (lo, mid, hi) = (
+                r[format!("{key}_min")].as_f64().unwrap(),
+                r[key].as_f64().unwrap(),
+                r[format!("{key}_max")].as_f64().unwrap(),
+            );
+            assert!(0.0 < lo && lo <= mid && mid <= hi, "{key}: {lo} {mid} {hi}");
+        }
+    }
+    let lens: Vec<u64> = rows
+        .iter()
+        .map(|r| r["prompt_len"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lens, [16, 16, 32, 32]);
+}
+
 #[test]
 fn int8_lm_head_round_trips_and_shrinks_the_model() {
     let dir = tempfile::tempdir().unwrap();

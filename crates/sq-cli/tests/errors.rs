@@ -576,8 +576,12 @@ fn generate_with_two_schemes() {
 }
 
 #[test]
-fn bench_prompt_length_zero() {
+fn bench_bad_counts() {
     fails(&["bench", "--prompt-len", "0"], &["--prompt-len"]);
+    fails(
+        &["bench", "--scheme", "fp32", "--pairs", "3"],
+        &["--pairs", "at least two"],
+    );
 }
 
 // ---- quantize and quantized checkpoints ----
