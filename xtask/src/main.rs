@@ -31,11 +31,13 @@ commands:
   snapshots [--accept|--reject] [ARGS]   run the tests (ARGS narrow `cargo test`, default --workspace)
                                          and show pending insta snapshots, or accept/reject them
   bench [gemm|model|all] [--threads N] [--json] [--device cpu|cuda[:N]] [--lm-head fp32|int8]
+        [--int8-attention] [--pairs N]
                                          benchmarks (see ../shared/cli-contract.md); `--device cuda`
                                          times INT8 vs FP16 GEMMs on an NVIDIA GPU; `model` runs
                                          `smoothquant bench` on ../shared's SmolLM2 (fp32 and each
-                                         W8A8 preset, 1 and 2 threads) and draws
-                                         docs/images/bench_smollm2.png
+                                         W8A8 preset, 1 and 2 threads), then each preset against
+                                         fp32 in turn (`--pairs N` rounds, default 5; 0 skips),
+                                         and draws docs/images/bench_smollm2.png
   fuzz [--cases N] [--seconds S] [--seed N] [--targets a,b]
                                          mutation-fuzz every parser (N cases each, default 10000;
                                          or S seconds each); see docs/reliability.md
@@ -267,6 +269,8 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     let mut json = false;
     let mut gpu = None;
     let mut lm_head = "fp32".to_string();
+    let mut int8_attention = false;
+    let mut pairs = 5;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -282,6 +286,11 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
                         _ => bail!("--device {other}: expected cpu, cuda or cuda:N"),
                     },
                 };
+            }
+            "--int8-attention" => int8_attention = true,
+            "--pairs" => {
+                let n = it.next().context("--pairs needs a count")?;
+                pairs = n.parse::<usize>().with_context(|| format!("--pairs {n}"))?;
             }
             "--lm-head" => {
                 lm_head = it.next().context("--lm-head needs fp32 or int8")?.clone();
@@ -308,6 +317,8 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         threads,
         json,
         lm_head,
+        int8_attention,
+        pairs,
     };
     match which {
         "gemm" => gemm_bench::run(threads, json),

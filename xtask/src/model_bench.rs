@@ -1,9 +1,10 @@
 //! `cargo xtask bench model [--threads N] [--lm-head fp32|int8] [--json]`: `smoothquant bench` on
 //! ../shared's SmolLM2-135M for fp32 and each W8A8 preset (channel/token, O1, O2, O3), each in
 //! its own process (so its memory is its own), at 1 and 2 threads unless `--threads` says;
-//! prefill at 128, 512 and 2048 tokens, decode after each prompt. Prints the table (or one JSON
-//! object) and draws `docs/images/bench_smollm2.png` (prefill tokens/s by prompt length, per
-//! scheme).
+//! prefill at 128, 512 and 2048 tokens, decode after each prompt. Then, unless `--pairs 0`, each
+//! W8A8 variant against fp32 in one process (`smoothquant bench --pairs N` at 512 tokens), for
+//! ratios that a drifting machine speed does not skew. Prints the tables (or one JSON object) and
+//! draws `docs/images/bench_smollm2.png` (prefill tokens/s by prompt length, per scheme).
 
 use anyhow::{anyhow, bail, Context, Result};
 use plotters::prelude::*;
@@ -50,7 +51,15 @@ pub struct Options {
     pub threads: Option<usize>,
     pub json: bool,
     pub lm_head: String,
+    /// `--int8-attention` for the W8A8 variants.
+    pub int8_attention: bool,
+    /// Rounds of `smoothquant bench --pairs` (fp32 and each W8A8 variant in one process, at
+    /// 512 tokens); 0 skips them.
+    pub pairs: usize,
 }
+
+/// The prompt length of the paired runs (the one issue 10's targets name).
+const PAIRED_PROMPT_LEN: &str = "512";
 
 /// The results as one JSON object (`cargo xtask bench all --json` nests it under `model`).
 pub fn run(root: &Path, o: &Options) -> Result<serde_json::Value> {
@@ -95,44 +104,62 @@ pub fn run(root: &Path, o: &Options) -> Result<serde_json::Value> {
                 .stdout(std::process::Stdio::from(std::io::stderr())),
         )?;
     }
+    let bench = |t: usize, scheme: &[&str], prompt_lens: &str, pairs: usize, w8a8: bool| {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--threads", &t.to_string(), "bench", "--model"])
+            .arg(&gguf)
+            .args(["--prompt-len", prompt_lens, "--gen-tokens", GEN_TOKENS])
+            .args(scheme)
+            .arg("--json");
+        if pairs > 0 {
+            cmd.args(["--pairs", &pairs.to_string()]);
+        }
+        if w8a8 {
+            cmd.arg("--act-scales")
+                .arg(&act_scales)
+                .args(["--lm-head", &o.lm_head]);
+            if o.int8_attention {
+                cmd.arg("--int8-attention");
+            }
+        }
+        json_of(cmd)
+    };
     let mut runs = Vec::new();
     for &t in &threads {
         for v in &VARIANTS {
-            let mut cmd = Command::new(&bin);
-            cmd.args(["--threads", &t.to_string(), "bench", "--model"])
-                .arg(&gguf)
-                .args(["--prompt-len", PROMPT_LENS, "--gen-tokens", GEN_TOKENS])
-                .args(v.args)
-                .arg("--json");
-            if v.label != "fp32" {
-                cmd.arg("--act-scales")
-                    .arg(&act_scales)
-                    .args(["--lm-head", &o.lm_head]);
-            }
-            eprintln!("$ {cmd:?}");
-            let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-            if !out.status.success() {
-                bail!(
-                    "{cmd:?} failed with {}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .with_context(|| format!("{cmd:?} did not print one JSON object"))?;
+            let w8a8 = v.label != "fp32";
             runs.push(serde_json::json!({
                 "label": v.label,
                 "threads": t,
-                "lm_head": if v.label == "fp32" { "fp32" } else { o.lm_head.as_str() },
-                "bench": report,
+                "lm_head": if w8a8 { o.lm_head.as_str() } else { "fp32" },
+                "bench": bench(t, v.args, PROMPT_LENS, 0, w8a8)?,
             }));
+        }
+    }
+    // Each W8A8 variant against fp32 in one process, run in turn: the ratios the targets ask
+    // for, robust to the machine's speed drifting between the separate runs above.
+    let mut paired = Vec::new();
+    if o.pairs > 0 {
+        for &t in &threads {
+            for v in VARIANTS.iter().filter(|v| v.label != "fp32") {
+                let mut scheme = v.args.to_vec();
+                scheme[1] = "fp32,smoothquant";
+                let report = bench(t, &scheme, PAIRED_PROMPT_LEN, o.pairs, true)?;
+                paired.push(serde_json::json!({
+                    "label": v.label,
+                    "threads": t,
+                    "rows": report["paired"],
+                }));
+            }
         }
     }
     let report = serde_json::json!({
         "cpu": cpu_name(),
         "model": gguf.file_name().map(|n| n.to_string_lossy().into_owned()),
         "threads": threads,
+        "int8_attention": o.int8_attention,
         "runs": runs,
+        "paired": paired,
     });
     let plot = root.join("docs/images/bench_smollm2.png");
     draw(&plot, &report).with_context(|| format!("cannot draw {}", plot.display()))?;
@@ -141,6 +168,21 @@ pub fn run(root: &Path, o: &Options) -> Result<serde_json::Value> {
         println!("plot: {}", plot.display());
     }
     Ok(report)
+}
+
+/// Runs `cmd` (a `smoothquant ... --json`), echoing it, and parses its one JSON object.
+fn json_of(mut cmd: Command) -> Result<serde_json::Value> {
+    eprintln!("$ {cmd:?}");
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{cmd:?} did not print one JSON object"))
 }
 
 fn cpu_name() -> String {
@@ -220,6 +262,38 @@ fn table(report: &serde_json::Value) -> String {
             at(r, 512, "loaded_rss_bytes") / 1e6,
             at(r, 512, "model_bytes") / 1e6,
         );
+    }
+    let paired = report["paired"].as_array().cloned().unwrap_or_default();
+    if let Some(first) = paired.first() {
+        let _ = writeln!(
+            s,
+            "\nfp32 and each W8A8 variant in one process, run in turn ({} rounds, prompt {PAIRED_PROMPT_LEN}):\nspeed-up over fp32 as the median of the per-round ratios [min, max]",
+            first["rows"][0]["pairs"]
+        );
+        let _ = writeln!(
+            s,
+            "{:>7} {:<20} {:>24} {:>24}",
+            "threads", "scheme", "prefill x fp32", "decode x fp32"
+        );
+        let cell = |r: &serde_json::Value, key: &str| {
+            format!(
+                "{:.2}x [{:.2}, {:.2}]",
+                r[key].as_f64().unwrap_or(f64::NAN),
+                r[format!("{key}_min")].as_f64().unwrap_or(f64::NAN),
+                r[format!("{key}_max")].as_f64().unwrap_or(f64::NAN)
+            )
+        };
+        for p in &paired {
+            let r = &p["rows"][0];
+            let _ = writeln!(
+                s,
+                "{:>7} {:<20} {:>24} {:>24}",
+                p["threads"],
+                p["label"].as_str().unwrap_or(""),
+                cell(r, "prefill_speedup"),
+                cell(r, "decode_speedup"),
+            );
+        }
     }
     s
 }
