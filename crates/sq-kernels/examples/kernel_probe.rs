@@ -7,9 +7,6 @@ use sq_kernels::bench::{measure, peak_f32_gflops, peak_int8_gops};
 use sq_kernels::{f32_gemm, pack_f32, select_backend, ActScales, WeightScales};
 use std::time::Duration;
 
-/// Weight bytes rotated through in `cold:` runs: several times the last-level cache, as in `cargo xtask bench gemm`.
-const COLD_BYTES: usize = 192 << 20;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let backend = select_backend()?;
     let threads = rayon::current_num_threads();
@@ -40,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             let wf: Vec<f32> = w.iter().map(|&v| v as f32).collect();
             let copies = if cold {
-                (COLD_BYTES / (n * k * 4)).max(1)
+                (sq_kernels::bench::cold_bytes() / (n * k * 4)).max(1)
             } else {
                 1
             };
@@ -55,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (t, peak_f32)
         } else {
             let copies = if cold {
-                (COLD_BYTES / (n * k)).max(1)
+                (sq_kernels::bench::cold_bytes() / (n * k)).max(1)
             } else {
                 1
             };

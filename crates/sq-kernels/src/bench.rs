@@ -288,6 +288,25 @@ pub struct GemmReport {
     /// `quantize_per_token` on 512 x 2048 (cold input) in GB/s of f32 read.
     pub quantize_gb_per_s: f64,
     pub gemm: Vec<GemmResult>,
+    /// The targets' ratios measured in alternation ([`interleaved_ratios`]).
+    pub interleaved: Vec<InterleavedRatio>,
+}
+
+/// A ratio of two measurements taken in alternation, `rounds` times, a fraction of a second
+/// apart: on a shared machine whose speed drifts over seconds, both sides of each round's ratio
+/// drift alike, where a suite's one-off figures taken seconds apart do not.
+#[derive(Clone, Debug)]
+pub struct InterleavedRatio {
+    /// `"pct_of_read_bandwidth"` (streamed INT8 weight bytes/s over the read bandwidth, in
+    /// percent) or `"thread_scaling"` (GOPS on the suite's threads over GOPS on one).
+    pub what: &'static str,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub rounds: usize,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
 }
 
 /// The shapes `cargo xtask bench gemm` measures: decode (1, 16), prefill, OPT-125m-like FFN.
@@ -301,8 +320,42 @@ pub const GEMM_SHAPES: [(usize, usize, usize); 5] = [
 
 /// m at or below which a shape counts as weight-streaming and is timed with cold weights.
 const STREAMING_M: usize = 16;
-/// Bytes of distinct weight copies cycled through so small-m runs stream from DRAM.
-const COLD_BYTES: usize = 192 << 20;
+/// The last-level cache's size in bytes, from Linux's sysfs (`None` elsewhere).
+pub fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| {
+        let path = e.ok()?.path();
+        let level: u32 = std::fs::read_to_string(path.join("level"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let size = std::fs::read_to_string(path.join("size")).ok()?;
+        let size = size.trim();
+        let (num, mult) = match size.strip_suffix('K') {
+            Some(n) => (n, 1 << 10),
+            None => match size.strip_suffix('M') {
+                Some(n) => (n, 1 << 20),
+                None => (size, 1),
+            },
+        };
+        Some((level, num.parse::<usize>().ok()? * mult))
+    })
+    .max()
+    .map(|(_, bytes)| bytes)
+}
+
+/// Bytes of distinct weight copies cycled through so small-m runs stream from DRAM, and the
+/// read-bandwidth test's buffer: three times the last-level cache, at least 192 MiB (server
+/// parts hold hundreds of MiB of L3: a fixed 192 MiB stayed in the cache of a 260 MiB one).
+pub fn cold_bytes() -> usize {
+    static COLD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COLD.get_or_init(|| {
+        last_level_cache_bytes()
+            .map_or(0, |llc| 3 * llc)
+            .clamp(192 << 20, 2 << 30)
+    })
+}
 
 /// Deterministic pseudo-random bytes (xorshift), so runs compare.
 fn pseudo_random_i8(len: usize, seed: u64) -> Vec<i8> {
@@ -341,11 +394,11 @@ fn gemm_suite_on_current_pool(threads: usize) -> Result<GemmReport> {
     let backend = select_backend()?;
     let peak_int8 = peak_int8_gops(threads).unwrap_or(f64::NAN);
     let peak_f32 = peak_f32_gflops(threads).unwrap_or(f64::NAN);
-    let read_bw = read_bandwidth_gb_per_s(threads, 512 << 20, 5);
+    let read_bw = read_bandwidth_gb_per_s(threads, cold_bytes().max(512 << 20), 5);
 
     let quantize_gb_per_s = {
         let (m, k) = (512, 2048);
-        let copies = (COLD_BYTES / (m * k * 4)).max(1);
+        let copies = (cold_bytes() / (m * k * 4)).max(1);
         let xs: Vec<Vec<f32>> = (0..copies)
             .map(|c| {
                 pseudo_random_i8(m * k, 7 + c as u64)
@@ -376,6 +429,7 @@ fn gemm_suite_on_current_pool(threads: usize) -> Result<GemmReport> {
             read_bw,
         )?);
     }
+    let interleaved = interleaved_ratios(backend.as_ref(), threads, INTERLEAVED_ROUNDS)?;
     Ok(GemmReport {
         cpu: cpu_name(),
         backend: backend.name(),
@@ -385,7 +439,126 @@ fn gemm_suite_on_current_pool(threads: usize) -> Result<GemmReport> {
         read_bandwidth_gb_per_s: read_bw,
         quantize_gb_per_s,
         gemm,
+        interleaved,
     })
+}
+
+/// Rounds of [`interleaved_ratios`] in the suite.
+pub const INTERLEAVED_ROUNDS: usize = 9;
+
+fn ratio_summary(
+    what: &'static str,
+    (m, n, k): (usize, usize, usize),
+    mut ratios: Vec<f64>,
+) -> InterleavedRatio {
+    ratios.sort_by(f64::total_cmp);
+    InterleavedRatio {
+        what,
+        m,
+        n,
+        k,
+        rounds: ratios.len(),
+        median: ratios[ratios.len() / 2],
+        min: ratios[0],
+        max: ratios[ratios.len() - 1],
+    }
+}
+
+/// The suite's two noise-prone targets, each as the median of `rounds` alternating pairs:
+/// - decode (m = 1 and 16 by 2048 x 2048, weights cold): one pass of the read-bandwidth test,
+///   then the streamed INT8 GEMM, on the current pool's threads; the ratio of weight bytes/s to
+///   read bytes/s in percent;
+/// - with more than one thread, 2048³ and 512 x 2048 x 2048 on a one-thread pool, then on the
+///   current pool; the ratio of their speeds.
+///
+/// Each side is the best of a short window (about 0.25 s), like the suite's own figures.
+pub fn interleaved_ratios(
+    backend: &dyn Int8Gemm,
+    threads: usize,
+    rounds: usize,
+) -> Result<Vec<InterleavedRatio>> {
+    let rounds = rounds.max(1);
+    let window = Duration::from_millis(250);
+    let mut out = Vec::new();
+    // Read bandwidth on the pool's threads, over a buffer well past the last-level cache.
+    let words = (cold_bytes() / 8).max(threads * 8);
+    let data: Vec<u64> = (0..words as u64).collect();
+    let share = words.div_ceil(threads);
+    let read_gb_per_s = || {
+        let secs = on_threads(threads, |t| {
+            let part = black_box(&data[(t * share).min(words)..((t + 1) * share).min(words)]);
+            black_box(read_sum_streams::<4>(part));
+        });
+        (words * 8) as f64 / secs / 1e9
+    };
+    for (m, n, k) in [(1, 2048, 2048), (16, 2048, 2048)] {
+        let x_q = pseudo_random_i8(m * k, 1);
+        let x_scales = vec![0.01f32; m];
+        let w_q = pseudo_random_i8(n * k, 2);
+        let copies = (cold_bytes() / (n * k)).max(1);
+        let packed: Vec<PackedInt8> = (0..copies)
+            .map(|_| backend.pack_weights(&w_q, n, k, WeightScales::PerTensor(0.02), None))
+            .collect::<Result<_>>()?;
+        let weight_bytes = (n.div_ceil(16) * 16 * k.div_ceil(4) * 4) as f64;
+        let mut y = vec![0.0f32; m * n];
+        let mut idx = 0;
+        let mut ratios = Vec::new();
+        for _ in 0..rounds {
+            let bw = read_gb_per_s();
+            let t = measure(window, 5, || {
+                idx = (idx + 1) % copies;
+                backend
+                    .gemm_f32_out(
+                        &x_q,
+                        m,
+                        ActScales::PerToken(&x_scales),
+                        &packed[idx],
+                        &mut y,
+                    )
+                    .expect("valid shapes");
+            });
+            ratios.push(100.0 * weight_bytes / t.best_s / 1e9 / bw);
+        }
+        out.push(ratio_summary("pct_of_read_bandwidth", (m, n, k), ratios));
+    }
+    if threads > 1 {
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .map_err(|e| KernelError::ThreadPool {
+                op: "interleaved_ratios",
+                threads: 1,
+                reason: e.to_string(),
+            })?;
+        for (m, n, k) in [(2048, 2048, 2048), (512, 2048, 2048)] {
+            let x_q = pseudo_random_i8(m * k, 1);
+            let x_scales = vec![0.01f32; m];
+            let packed = backend.pack_weights(
+                &pseudo_random_i8(n * k, 2),
+                n,
+                k,
+                WeightScales::PerTensor(0.02),
+                None,
+            )?;
+            let mut y = vec![0.0f32; m * n];
+            let time = |y: &mut Vec<f32>| {
+                measure(window, 3, || {
+                    backend
+                        .gemm_f32_out(&x_q, m, ActScales::PerToken(&x_scales), &packed, y)
+                        .expect("valid shapes");
+                })
+                .best_s
+            };
+            let mut ratios = Vec::new();
+            for _ in 0..rounds {
+                let single = one.install(|| time(&mut y));
+                let all = time(&mut y);
+                ratios.push(single / all);
+            }
+            out.push(ratio_summary("thread_scaling", (m, n, k), ratios));
+        }
+    }
+    Ok(out)
 }
 
 /// Times one shape: INT8 (`gemm_f32_out`, per-token x scales, per-channel w scales, bias)
@@ -410,7 +583,7 @@ pub fn bench_shape(
     let w_scales = WeightScales::PerChannel((0..n).map(|j| 0.02 + j as f32 * 1e-5).collect());
 
     let int8_copies = if streaming {
-        (COLD_BYTES / (n * k)).max(1)
+        (cold_bytes() / (n * k)).max(1)
     } else {
         1
     };
@@ -434,7 +607,7 @@ pub fn bench_shape(
     drop(packed);
 
     let f32_copies = if streaming {
-        (COLD_BYTES / (n * k * 4)).max(1)
+        (cold_bytes() / (n * k * 4)).max(1)
     } else {
         1
     };
@@ -493,7 +666,8 @@ impl GemmReport {
     /// One JSON object: `cpu`, `threads`, `peak_int8_gops`, `peak_f32_gflops`, `gemm: [...]`
     /// (each with `m`, `n`, `k`, `int8_gops`, `pct_of_int8_peak`, `f32_gflops`,
     /// `speedup_vs_f32`, and for small m `weight_gb_per_s`, `read_bandwidth_gb_per_s`), plus
-    /// `backend`, `read_bandwidth_gb_per_s` and `quantize_gb_per_s`.
+    /// `backend`, `read_bandwidth_gb_per_s`, `quantize_gb_per_s` and `interleaved: [{"what",
+    /// "m", "n", "k", "rounds", "median", "min", "max"}]`.
     pub fn to_json(&self) -> String {
         let rows: Vec<String> = self
             .gemm
@@ -525,8 +699,25 @@ impl GemmReport {
                 format!("{{{}}}", fields.join(","))
             })
             .collect();
+        let interleaved: Vec<String> = self
+            .interleaved
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"what\":{},\"m\":{},\"n\":{},\"k\":{},\"rounds\":{},\"median\":{},\"min\":{},\"max\":{}}}",
+                    json_string(r.what),
+                    r.m,
+                    r.n,
+                    r.k,
+                    r.rounds,
+                    json_number(r.median),
+                    json_number(r.min),
+                    json_number(r.max)
+                )
+            })
+            .collect();
         format!(
-            "{{\"cpu\":{},\"backend\":{},\"threads\":{},\"peak_int8_gops\":{},\"peak_f32_gflops\":{},\"read_bandwidth_gb_per_s\":{},\"quantize_gb_per_s\":{},\"gemm\":[{}]}}",
+            "{{\"cpu\":{},\"backend\":{},\"threads\":{},\"peak_int8_gops\":{},\"peak_f32_gflops\":{},\"read_bandwidth_gb_per_s\":{},\"quantize_gb_per_s\":{},\"gemm\":[{}],\"interleaved\":[{}]}}",
             json_string(&self.cpu),
             json_string(self.backend),
             self.threads,
@@ -534,7 +725,8 @@ impl GemmReport {
             json_number(self.peak_f32_gflops),
             json_number(self.read_bandwidth_gb_per_s),
             json_number(self.quantize_gb_per_s),
-            rows.join(",")
+            rows.join(","),
+            interleaved.join(",")
         )
     }
 
@@ -572,6 +764,24 @@ impl GemmReport {
                 g.speedup_vs_f32,
                 weights
             ));
+        }
+        if !self.interleaved.is_empty() {
+            s.push_str(&format!(
+                "\nin alternation ({} rounds; median [min, max]):\n",
+                self.interleaved[0].rounds
+            ));
+            for r in &self.interleaved {
+                let what = match r.what {
+                    "pct_of_read_bandwidth" => {
+                        "streamed INT8 weights, % of read bandwidth".to_string()
+                    }
+                    _ => format!("{} threads over 1", self.threads),
+                };
+                s.push_str(&format!(
+                    "{:>5} {:>5} {:>5} | {what}: {:.2} [{:.2}, {:.2}]\n",
+                    r.m, r.n, r.k, r.median, r.min, r.max
+                ));
+            }
         }
         s
     }
