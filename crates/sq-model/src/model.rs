@@ -11,6 +11,10 @@ use crate::layers::{
 };
 use crate::linear::NamedLinear;
 use crate::{ModelError, Result};
+use std::sync::atomic::{
+    AtomicBool,
+    Ordering::{Acquire, Release},
+};
 
 /// The query/key/value projections of one layer.
 #[derive(Debug)]
@@ -425,7 +429,20 @@ impl Model {
         // would be injected into the pool and wait on a wake-up (futex) round trip, so the whole
         // pass moves onto a worker once. Decode steps stay put: they run on the spinning team.
         if tokens.len() >= POOL_FORWARD_MIN_TOKENS && rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.forward_here(tokens, session, which, logits));
+            let done = AtomicBool::new(false);
+            return rayon::scope(|s| {
+                // The other workers keep stealing for the whole pass: idle between two parallel
+                // loops, a rayon worker soon sleeps, and waking it (a halted vCPU on a virtual
+                // machine) cost the W8A8 prefill a quarter of the second thread's time.
+                let driver = rayon::current_thread_index();
+                let done = &done;
+                for _ in 1..rayon::current_num_threads() {
+                    s.spawn(move |_| keep_stealing(done, driver));
+                }
+                let result = self.forward_here(tokens, session, which, logits);
+                done.store(true, Release);
+                result
+            });
         }
         self.forward_here(tokens, session, which, logits)
     }
@@ -851,6 +868,21 @@ impl Architecture {
             Architecture::Llama => Activation::Silu,
             Architecture::Opt => Activation::Relu,
             Architecture::Bloom => Activation::GeluTanh,
+        }
+    }
+}
+
+/// Runs the pool's pending jobs (stealing them from the worker driving a forward pass) until
+/// `done`, spinning between them instead of sleeping. A no-op on the driving worker itself,
+/// which may pop this job while it waits inside its own pass: looping there would wait forever
+/// on the pass below it.
+fn keep_stealing(done: &AtomicBool, driver: Option<usize>) {
+    if rayon::current_thread_index() == driver {
+        return;
+    }
+    while !done.load(Acquire) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
         }
     }
 }
