@@ -309,11 +309,7 @@ pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
         println!(
             "{:<12} {:<5} {:>10} {:>14.1} {:>14.1} {:>12.1} {:>14.1} {:>12.1} {:>10.1}",
             r["scheme"].as_str().unwrap_or(""),
-            if r["int8_attention"].as_bool() == Some(true) {
-                "int8"
-            } else {
-                "f32"
-            },
+            attention_label(r),
             r["prompt_len"].as_u64().unwrap_or(0),
             r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
@@ -345,11 +341,7 @@ pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
             println!(
                 "{:<12} {:<5} {:>10} {:>24} {:>24}",
                 r["scheme"].as_str().unwrap_or(""),
-                if r["int8_attention"].as_bool() == Some(true) {
-                    "int8"
-                } else {
-                    "f32"
-                },
+                attention_label(r),
                 r["prompt_len"].as_u64().unwrap_or(0),
                 cell(r, "prefill_speedup"),
                 cell(r, "decode_speedup"),
@@ -357,4 +349,13 @@ pub fn run(a: BenchArgs, device: sq_model::Device) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The table's `attn` column: how a result row ran attention.
+fn attention_label(row: &serde_json::Value) -> &'static str {
+    if row["int8_attention"].as_bool() == Some(true) {
+        "int8"
+    } else {
+        "f32"
+    }
 }
