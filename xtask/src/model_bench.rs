@@ -142,8 +142,18 @@ pub fn run(root: &Path, o: &Options) -> Result<serde_json::Value> {
     if o.pairs > 0 {
         for &t in &threads {
             for v in VARIANTS.iter().filter(|v| v.label != "fp32") {
-                let mut scheme = v.args.to_vec();
-                scheme[1] = "fp32,smoothquant";
+                // The variant's own options, with fp32 first in its `--scheme` list.
+                let scheme: Vec<&str> = v
+                    .args
+                    .iter()
+                    .map(|&a| {
+                        if a == "smoothquant" {
+                            "fp32,smoothquant"
+                        } else {
+                            a
+                        }
+                    })
+                    .collect();
                 let report = bench(t, &scheme, PAIRED_PROMPT_LEN, o.pairs, true)?;
                 paired.push(serde_json::json!({
                     "label": v.label,

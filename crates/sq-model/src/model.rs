@@ -11,10 +11,7 @@ use crate::layers::{
 };
 use crate::linear::NamedLinear;
 use crate::{ModelError, Result};
-use std::sync::atomic::{
-    AtomicBool,
-    Ordering::{Acquire, Release},
-};
+use std::sync::atomic::{AtomicBool, Ordering::Acquire};
 
 /// The query/key/value projections of one layer.
 #[derive(Debug)]
@@ -429,20 +426,7 @@ impl Model {
         // would be injected into the pool and wait on a wake-up (futex) round trip, so the whole
         // pass moves onto a worker once. Decode steps stay put: they run on the spinning team.
         if tokens.len() >= POOL_FORWARD_MIN_TOKENS && rayon::current_thread_index().is_none() {
-            let done = AtomicBool::new(false);
-            return rayon::scope(|s| {
-                // The other workers keep stealing for the whole pass: idle between two parallel
-                // loops, a rayon worker soon sleeps, and waking it (a halted vCPU on a virtual
-                // machine) cost the W8A8 prefill a quarter of the second thread's time.
-                let driver = rayon::current_thread_index();
-                let done = &done;
-                for _ in 1..rayon::current_num_threads() {
-                    s.spawn(move |_| keep_stealing(done, driver));
-                }
-                let result = self.forward_here(tokens, session, which, logits);
-                done.store(true, Release);
-                result
-            });
+            return with_stealing_workers(|| self.forward_here(tokens, session, which, logits));
         }
         self.forward_here(tokens, session, which, logits)
     }
@@ -872,6 +856,30 @@ impl Architecture {
     }
 }
 
+/// Runs `f` on a worker of rayon's pool while the other workers keep stealing: idle between two
+/// parallel loops, a rayon worker soon sleeps, and waking it (a halted vCPU on a virtual machine)
+/// cost the W8A8 prefill a quarter of the second thread's time. The stealers stop when `f`
+/// returns or unwinds (a panic propagates; it never leaves them spinning with the scope waiting).
+fn with_stealing_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    /// Sets the flag when dropped, on return or unwind alike.
+    struct Release<'a>(&'a AtomicBool);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        let driver = rayon::current_thread_index();
+        let done = &done;
+        for _ in 1..rayon::current_num_threads() {
+            s.spawn(move |_| keep_stealing(done, driver));
+        }
+        let _release = Release(done);
+        f()
+    })
+}
+
 /// Runs the pool's pending jobs (stealing them from the worker driving a forward pass) until
 /// `done`, spinning between them instead of sleeping. A no-op on the driving worker itself,
 /// which may pop this job while it waits inside its own pass: looping there would wait forever
@@ -884,5 +892,39 @@ fn keep_stealing(done: &AtomicBool, driver: Option<usize>) {
         if rayon::yield_now() != Some(rayon::Yield::Executed) {
             std::hint::spin_loop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stealers end with the pass: a normal return, and a panic, which propagates instead of
+    /// leaving the scope waiting on workers that spin forever.
+    #[test]
+    fn stealing_workers_stop_when_the_pass_returns_or_panics() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap();
+            let sum = pool.install(|| {
+                with_stealing_workers(|| {
+                    use rayon::prelude::*;
+                    (0..10_000u64).into_par_iter().sum::<u64>()
+                })
+            });
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| with_stealing_workers(|| panic!("inside the pass")))
+            }))
+            .is_err();
+            tx.send((sum, panicked)).unwrap();
+        });
+        let (sum, panicked) = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the pass did not end: stealing workers kept the scope waiting");
+        assert_eq!(sum, 10_000 * 9_999 / 2);
+        assert!(panicked);
     }
 }
